@@ -1,0 +1,21 @@
+"""The `graft` command line. Each command lives beside the code it drives; this module only
+assembles them, and heavy imports (TensorFlow, BentoML) happen inside the commands so that
+`graft --help` stays instant."""
+
+import typer
+
+from service import __version__
+
+app = typer.Typer(
+    name="graft",
+    help="Turn a folder of labelled images into a served image classifier.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command()
+def version() -> None:
+    """Print graft's version."""
+    typer.echo(__version__)
