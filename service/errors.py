@@ -1,0 +1,65 @@
+"""Errors as data: each carries its HTTP status, gRPC code and a message for the caller."""
+
+import grpc
+
+
+class GraftError(Exception):
+    """Base of every error a caller can see. Subclasses fix the code and statuses."""
+
+    code = "internal"
+    http_status = 500
+    grpc_status = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(GraftError):
+    code, http_status, grpc_status = "bad_request", 400, grpc.StatusCode.INVALID_ARGUMENT
+
+
+class InvalidImage(GraftError):
+    code, http_status, grpc_status = "invalid_image", 400, grpc.StatusCode.INVALID_ARGUMENT
+
+
+class Unauthorized(GraftError):
+    code, http_status, grpc_status = "unauthorized", 401, grpc.StatusCode.UNAUTHENTICATED
+
+
+class ManagementDisabled(GraftError):
+    code, http_status, grpc_status = "management_disabled", 403, grpc.StatusCode.PERMISSION_DENIED
+
+
+class ModelNotFound(GraftError):
+    code, http_status, grpc_status = "not_found", 404, grpc.StatusCode.NOT_FOUND
+
+
+class PayloadTooLarge(GraftError):
+    code, http_status, grpc_status = "payload_too_large", 413, grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class UnsupportedMediaType(GraftError):
+    code, http_status = "unsupported_media_type", 415
+    grpc_status = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class RejectedModel(GraftError):
+    """A pushed model version failed validation; the serving version is untouched."""
+
+    code, http_status = "rejected_model", 422
+    grpc_status = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Overloaded(GraftError):
+    code, http_status, grpc_status = "overloaded", 503, grpc.StatusCode.RESOURCE_EXHAUSTED
+    retry_after_s = 1
+
+
+class NotReady(GraftError):
+    code, http_status, grpc_status = "not_ready", 503, grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(GraftError):
+    code, http_status = "deadline_exceeded", 504
+    grpc_status = grpc.StatusCode.DEADLINE_EXCEEDED

@@ -1,0 +1,40 @@
+"""Every serving setting, from `graft serve` flags or `GRAFT_*` environment variables."""
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class GraftSettings(BaseSettings):
+    """Serving configuration. Each field `x` is also read from the variable `GRAFT_X`."""
+
+    model_config = SettingsConfigDict(env_prefix="GRAFT_", extra="ignore")
+
+    model_root: Path = Field(Path("models"), description="Model repository (TF Serving layout).")
+    default_model: str = Field("imagenet", description="Model used when a request names none.")
+    host: str = "127.0.0.1"
+    port: int = Field(3000, ge=1, le=65535)
+    grpc_port: int = Field(50051, ge=0, le=65535, description="0 turns the gRPC server off.")
+    workers: int = Field(1, ge=1, description="HTTP worker processes of the entry service.")
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for the management API; unset turns management off."
+    )
+    poll_interval_s: float = Field(2.0, gt=0, description="How often the repository is polled.")
+    max_batch_size: int = Field(32, ge=1, description="Adaptive batching: largest batch.")
+    max_latency_ms: int = Field(
+        1000, ge=1, description="Adaptive batching: the longest a request may wait in the queue."
+    )
+    max_body_bytes: int = Field(16 * MiB, ge=1, description="Larger request bodies get 413.")
+    max_images_per_request: int = Field(64, ge=1)
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="Read from the image header; larger images are refused."
+    )
+    request_timeout_s: float = Field(30.0, gt=0, description="Per-request deadline (504).")
+    max_queue: int = Field(
+        256, ge=1, description="Images waiting for inference before new requests get 503."
+    )
+    grpc_max_message_bytes: int = Field(32 * MiB, ge=1)
+    max_push_bytes: int = Field(512 * MiB, ge=1, description="Largest model upload (tar.gz).")
