@@ -30,7 +30,7 @@ bench-quick:
 	$(BIN)/python -m bench --quick
 
 proto:
-	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=service/grpc_stubs --pyi_out=service/grpc_stubs --grpc_python_out=service/grpc_stubs proto/graft/v1/classifier.proto
+	$(BIN)/python proto/generate.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""Stubs for the graft.* proto packages."""

@@ -1,0 +1,1 @@
+"""Stubs for graft.v1 (proto/graft/v1/*.proto)."""
