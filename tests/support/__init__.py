@@ -1,0 +1,1 @@
+"""Helpers shared by the test modules (real exports, real encoded images)."""

@@ -1,0 +1,78 @@
+"""Real, tiny graft exports for tests: a small Keras model trained for a few steps on generated
+images, exported with `training.export.export_model`. About 3 s on one CPU core.
+
+    from support.exports import make_tiny_export, publish_tiny_model
+    export_dir = make_tiny_export(tmp_path / "export", labels=("red", "blue"))
+    version = publish_tiny_model(model_root, "flowers")   # export + publish in one call
+"""
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+TINY_IMAGE_SIZE = 32
+
+
+def generated_images(count: int, classes: int, size: int, seed: int = 0) -> tuple:
+    """`count` noisy images whose class decides the dominant colour channel, and their labels."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(count) % classes
+    images = rng.uniform(0, 80, size=(count, size, size, 3)).astype(np.float32)
+    for index, label in enumerate(labels):
+        images[index, :, :, label % 3] += 150
+    return images, labels
+
+
+def make_tiny_model(classes: int, image_size: int = TINY_IMAGE_SIZE, steps: int = 5):
+    """float32 [n, s, s, 3] pixels in [0, 255] -> softmax [n, classes], briefly trained."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((image_size, image_size, 3)),
+            keras.layers.Rescaling(1 / 255),
+            keras.layers.Conv2D(4, 3, strides=2, activation="relu"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(classes, activation="softmax"),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy")
+    images, labels = generated_images(8 * steps, classes, image_size)
+    model.fit(images, labels, batch_size=8, epochs=1, steps_per_epoch=steps, verbose=0)
+    return model
+
+
+def make_tiny_export(
+    export_dir: Path,
+    labels: Sequence[str] = ("red", "green", "blue"),
+    image_size: int = TINY_IMAGE_SIZE,
+    metrics: dict | None = None,
+) -> Path:
+    """Train a tiny model for `labels` and export it to `export_dir` (must not exist yet)."""
+    from training.export import export_model
+
+    model = make_tiny_model(len(labels), image_size)
+    return export_model(
+        model,
+        export_dir,
+        labels=list(labels),
+        image_size=image_size,
+        backbone="tiny-cnn",
+        metrics=metrics or {"accuracy": 1.0},
+        dataset_fingerprint="generated",
+    )
+
+
+def publish_tiny_model(
+    model_root: Path, name: str, labels: Sequence[str] = ("red", "green", "blue")
+) -> int:
+    """Export a tiny model to a scratch folder beside `model_root` and publish it as `name`."""
+    import tempfile
+
+    from service.repository import ModelRepository
+
+    with tempfile.TemporaryDirectory(dir=Path(model_root).parent) as scratch:
+        export_dir = make_tiny_export(Path(scratch) / "export", labels)
+        return ModelRepository(model_root).publish(export_dir, name)
