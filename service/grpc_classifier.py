@@ -11,7 +11,7 @@ import grpc
 
 from service import schemas
 from service.errors import GraftError
-from service.grpc_common import DEFAULT_TOP_K, deadline_of, guarded
+from service.grpc_common import DEFAULT_TOP_K, PROTOCOL, deadline_of, guarded
 from service.grpc_stubs.graft.v1 import classifier_pb2 as pb
 from service.grpc_stubs.graft.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 # Requests of one stream that may be in flight at once. Enough for a stream to fill inference
 # batches on its own; bounded so a fast sender cannot queue unbounded work on the server.
 STREAM_WINDOW = 32
+# Metric route labels: the gRPC method paths.
+CLASSIFY_ROUTE = "/graft.v1.ImageClassifier/Classify"
+STREAM_ROUTE = "/graft.v1.ImageClassifier/ClassifyStream"
 
 
 def to_proto(response: schemas.ClassifyResponse, request_id: str = "") -> pb.ClassifyResponse:
@@ -49,28 +52,29 @@ class ImageClassifierServicer(pb_grpc.ImageClassifierServicer):
         self._gateway = gateway
 
     async def _classify(
-        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext, route: str
     ) -> pb.ClassifyResponse:
         response = await self._gateway.classify(
             list(request.images),
             model=request.model or None,
             version=request.version if request.HasField("version") else None,
             top_k=request.top_k or DEFAULT_TOP_K,
-            protocol="grpc",
+            protocol=PROTOCOL,
             deadline=deadline_of(context),
+            route=route,
         )
         return to_proto(response, request.request_id)
 
     async def Classify(
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyResponse:
-        return await guarded(context, self._classify(request, context))
+        return await guarded(context, self._classify(request, context, CLASSIFY_ROUTE))
 
     async def _answer(
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyResponse:
         try:
-            return await self._classify(request, context)
+            return await self._classify(request, context, STREAM_ROUTE)
         except GraftError as err:
             return error_response(err, request.request_id)
 

@@ -1,13 +1,19 @@
 """What every graft gRPC servicer shares: GraftError -> status mapping and client deadlines."""
 
+from __future__ import annotations
+
 import logging
 import time
-from collections.abc import Awaitable
-from typing import NoReturn, TypeVar
+from collections.abc import Awaitable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import grpc
 
 from service.errors import GraftError, Overloaded
+
+if TYPE_CHECKING:
+    from service.gateway import Gateway
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -19,6 +25,7 @@ ERROR_CODE_KEY = "graft-error-code"
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 DEFAULT_TOP_K = 5
+PROTOCOL = "grpc"
 
 
 def error_trailers(err: GraftError) -> tuple[tuple[str, str], ...]:
@@ -50,3 +57,13 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     """The client's deadline as a time.monotonic() instant, or None when it set none."""
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
+
+
+@contextmanager
+def rejecting(gateway: Gateway, route: str) -> Iterator[None]:
+    """Count a GraftError raised while parsing a request, before the Gateway saw it."""
+    try:
+        yield
+    except GraftError as err:
+        gateway.rejected(PROTOCOL, route, err)
+        raise

@@ -28,7 +28,7 @@ from tensorflow_serving.apis import (
 )
 
 from service.errors import BadRequest
-from service.grpc_common import deadline_of, guarded
+from service.grpc_common import PROTOCOL, deadline_of, guarded, rejecting
 
 if TYPE_CHECKING:
     from service.gateway import Gateway, Prediction
@@ -40,6 +40,10 @@ SIGNATURE_INPUTS = {SERVING_SIGNATURE: "images", PIXELS_SIGNATURE: "pixels"}
 OUTPUTS = ("probabilities", "label", "score")
 IMAGE_FEATURE = "image/encoded"
 SIGNATURE_DEF_FIELD = "signature_def"
+# Metric route labels: the gRPC method paths.
+PREDICT_ROUTE = "/tensorflow.serving.PredictionService/Predict"
+CLASSIFY_ROUTE = "/tensorflow.serving.PredictionService/Classify"
+METADATA_ROUTE = "/tensorflow.serving.PredictionService/GetModelMetadata"
 
 
 def _version(spec: model_pb2.ModelSpec) -> int | None:
@@ -189,22 +193,33 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         self._gateway = gateway
 
     async def _predict(
-        self, images: list[bytes], spec: model_pb2.ModelSpec, context: grpc.aio.ServicerContext
+        self,
+        images: list[bytes],
+        model: str,
+        version: int | None,
+        context: grpc.aio.ServicerContext,
+        route: str,
     ) -> Prediction:
         return await self._gateway.predict(
             images,
-            model=spec.name or None,
-            version=_version(spec),
-            protocol="grpc",
+            model=model or None,
+            version=version,
+            protocol=PROTOCOL,
             deadline=deadline_of(context),
+            route=route,
         )
 
     async def _predict_response(
         self, request: predict_pb2.PredictRequest, context: grpc.aio.ServicerContext
     ) -> predict_pb2.PredictResponse:
-        signature = _signature(request.model_spec)
-        wanted = _output_names(request.output_filter)
-        prediction = await self._predict(_inputs(request, signature), request.model_spec, context)
+        with rejecting(self._gateway, PREDICT_ROUTE):
+            version = _version(request.model_spec)
+            signature = _signature(request.model_spec)
+            wanted = _output_names(request.output_filter)
+            images = _inputs(request, signature)
+        prediction = await self._predict(
+            images, request.model_spec.name, version, context, PREDICT_ROUTE
+        )
         outputs = _outputs(prediction)
         return predict_pb2.PredictResponse(
             model_spec=_model_spec(prediction.model, prediction.version, signature),
@@ -219,9 +234,14 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     async def _classify_response(
         self, request: classification_pb2.ClassificationRequest, context: grpc.aio.ServicerContext
     ) -> classification_pb2.ClassificationResponse:
-        if _signature(request.model_spec) != SERVING_SIGNATURE:
-            raise BadRequest(f"Classify runs the {SERVING_SIGNATURE!r} signature only")
-        prediction = await self._predict(_examples(request), request.model_spec, context)
+        with rejecting(self._gateway, CLASSIFY_ROUTE):
+            version = _version(request.model_spec)
+            if _signature(request.model_spec) != SERVING_SIGNATURE:
+                raise BadRequest(f"Classify runs the {SERVING_SIGNATURE!r} signature only")
+            images = _examples(request)
+        prediction = await self._predict(
+            images, request.model_spec.name, version, context, CLASSIFY_ROUTE
+        )
         # One Classifications per example, every class in label order (TF Serving's layout).
         result = classification_pb2.ClassificationResult(
             classifications=[
@@ -247,17 +267,18 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     async def _metadata_response(
         self, request: get_model_metadata_pb2.GetModelMetadataRequest
     ) -> get_model_metadata_pb2.GetModelMetadataResponse:
-        fields = set(request.metadata_field)
-        if fields != {SIGNATURE_DEF_FIELD}:
-            raise BadRequest(
-                f"metadata_field must be [{SIGNATURE_DEF_FIELD!r}] (the only metadata graft "
-                f"serves), got {sorted(fields)}"
-            )
-        if not request.model_spec.name:
-            raise BadRequest("model_spec.name is required")
-        metadata = await self._gateway.metadata(
-            request.model_spec.name, _version(request.model_spec)
-        )
+        name = request.model_spec.name
+        with self._gateway.observe(PROTOCOL, METADATA_ROUTE, name) as outcome:
+            fields = set(request.metadata_field)
+            if fields != {SIGNATURE_DEF_FIELD}:
+                raise BadRequest(
+                    f"metadata_field must be [{SIGNATURE_DEF_FIELD!r}] (the only metadata graft "
+                    f"serves), got {sorted(fields)}"
+                )
+            if not name:
+                raise BadRequest("model_spec.name is required")
+            metadata = await self._gateway.metadata(name, _version(request.model_spec))
+            outcome["version"] = str(metadata.version)
         response = get_model_metadata_pb2.GetModelMetadataResponse(
             model_spec=_model_spec(metadata.name, metadata.version)
         )
