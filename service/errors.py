@@ -23,6 +23,12 @@ class InvalidImage(GraftError):
     code, http_status, grpc_status = "invalid_image", 400, grpc.StatusCode.INVALID_ARGUMENT
 
 
+class ImageTooLarge(InvalidImage):
+    """More pixels than `max_image_pixels`, read from the header: refused before decoding."""
+
+    code = "image_too_large"
+
+
 class Unauthorized(GraftError):
     code, http_status, grpc_status = "unauthorized", 401, grpc.StatusCode.UNAUTHENTICATED
 
