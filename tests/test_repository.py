@@ -1,0 +1,265 @@
+"""The model repository: atomic, crash-safe publishing, verification, names, pinning."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from support.exports import make_tiny_export
+
+from service.errors import BadRequest, ModelNotFound
+from service.manifest import ManifestError, verify_dir
+from service.repository import ModelRepository, RepositoryError
+
+LABELS = ["red", "green", "blue"]
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_export(tmp_path_factory.mktemp("export") / "tiny", LABELS)
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> ModelRepository:
+    return ModelRepository(tmp_path / "models")
+
+
+def _light_python(code: str, *args: str) -> subprocess.Popen[str]:
+    """A Python process running `code` that imports the repository but never TensorFlow."""
+    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True)
+
+
+def test_publish_numbers_versions_and_writes_a_complete_manifest(repo, export_dir):
+    before = {p: p.read_bytes() for p in export_dir.rglob("*") if p.is_file()}
+    assert repo.publish(export_dir, "flowers") == 1
+    assert repo.publish(export_dir, "flowers") == 2
+    assert repo.publish(export_dir, "other") == 1
+    assert repo.models() == ["flowers", "other"]
+    assert repo.versions("flowers") == [1, 2]
+    manifest = repo.verify("flowers", 2)
+    assert (manifest.name, manifest.version, manifest.labels) == ("flowers", 2, LABELS)
+    assert repo.version_dir("flowers", 2) == repo.root / "flowers" / "2"
+    assert {"saved_model.pb", "assets/labels.txt", "variables/variables.index"} <= set(
+        manifest.files
+    )
+    assert before == {p: p.read_bytes() for p in export_dir.rglob("*") if p.is_file()}
+    assert not [p for p in (repo.root / "flowers").iterdir() if p.name.startswith(".staging")]
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        (lambda d: _flip_byte(d / "variables" / "variables.data-00000-of-00001"), "changed"),
+        (lambda d: (d / "saved_model.pb").unlink(), "missing"),
+        (lambda d: (d / "assets" / "extra.txt").write_text("x"), "not in manifest"),
+        (lambda d: (d / "assets" / "labels.txt").write_text("a\nb\nc\n"), "changed"),
+        (lambda d: _edit_manifest(d, labels=["a", "b", "c"]), "disagrees"),
+        (lambda d: _edit_manifest(d, version=7), "version 7"),
+        (lambda d: (d / "graft.json").write_text("{"), "invalid"),
+        (lambda d: (d / "variables" / "link").symlink_to("/etc/passwd"), "link"),
+    ],
+)
+def test_a_tampered_version_fails_verification(repo, export_dir, tamper, message):
+    version = repo.publish(export_dir, "flowers")
+    tamper(repo.version_dir("flowers", version))
+    with pytest.raises(ManifestError, match=message):
+        repo.verify("flowers", version)
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _edit_manifest(folder: Path, **changes: object) -> None:
+    manifest = json.loads((folder / "graft.json").read_text())
+    (folder / "graft.json").write_text(json.dumps({**manifest, **changes}))
+
+
+@pytest.mark.parametrize(
+    "name", ["..", "../x", "/etc", "a/b", "A", "", ".staging-x", "-x", "x" * 64, "caf\u00e9", 3]
+)
+def test_invalid_names_are_refused_everywhere(repo, export_dir, name):
+    for call in (
+        lambda: repo.publish(export_dir, name),
+        lambda: repo.versions(name),
+        lambda: repo.resolve(name),
+        lambda: repo.set_pin(name, None),
+        lambda: repo.version_dir(name, 1),
+    ):
+        with pytest.raises(BadRequest, match="invalid model name"):
+            call()
+    assert not repo.root.exists() or not any(repo.root.iterdir())
+
+
+@pytest.mark.parametrize("version", [0, -1, True, "1", 1.0, None])
+def test_invalid_versions_are_refused(repo, export_dir, version):
+    repo.publish(export_dir, "flowers")
+    with pytest.raises(BadRequest, match="invalid version"):
+        repo.version_dir("flowers", version)
+
+
+def test_symlinks_out_of_the_root_are_refused(repo, export_dir, tmp_path):
+    outside = tmp_path / "outside"
+    ModelRepository(outside).publish(export_dir, "evil")
+    repo.publish(export_dir, "flowers")
+    (repo.root / "evil").symlink_to(outside / "evil")
+    (repo.root / "flowers" / "5").symlink_to(outside / "evil" / "1")
+    assert repo.models() == ["flowers"]
+    assert repo.versions("flowers") == [1]
+    with pytest.raises(BadRequest, match="outside the model root"):
+        repo.versions("evil")
+    with pytest.raises(BadRequest, match="outside the model root"):
+        repo.version_dir("flowers", 5)
+
+    linked = tmp_path / "linked-export"
+    shutil.copytree(export_dir, linked)
+    (linked / "assets" / "secrets").symlink_to("/etc/passwd")
+    with pytest.raises(BadRequest, match="link or special file"):
+        repo.publish(linked, "flowers")
+    assert repo.versions("flowers") == [1]
+
+
+def test_publishing_something_that_is_not_an_export_is_refused(repo, export_dir, tmp_path):
+    with pytest.raises(BadRequest, match="is not a folder"):
+        repo.publish(tmp_path / "nope", "flowers")
+    bare = tmp_path / "bare"
+    shutil.copytree(export_dir, bare)
+    (bare / "graft.json").unlink()
+    with pytest.raises(BadRequest, match="not a graft export"):
+        repo.publish(bare, "flowers")
+    (bare / "saved_model.pb").unlink()
+    with pytest.raises(BadRequest, match=r"no saved_model\.pb"):
+        repo.publish(bare, "flowers")
+    assert repo.models() == []
+
+
+def test_pin_unpin_and_resolve(repo, export_dir):
+    with pytest.raises(ModelNotFound):
+        repo.resolve("flowers")
+    for _ in range(3):
+        repo.publish(export_dir, "flowers")
+    assert (repo.pin("flowers"), repo.resolve("flowers")) == (None, 3)
+    repo.set_pin("flowers", 2)
+    policy = json.loads((repo.root / "flowers" / "policy.json").read_text())
+    assert policy == {"pin": 2}
+    assert (repo.pin("flowers"), repo.resolve("flowers")) == (2, 2)
+    assert repo.resolve("flowers", 3) == 3, "an explicit version beats the pin"
+    with pytest.raises(ModelNotFound, match="available: 1, 2, 3"):
+        repo.resolve("flowers", 9)
+    with pytest.raises(ModelNotFound, match="does not exist"):
+        repo.set_pin("flowers", 9)
+    repo.set_pin("flowers", None)
+    assert json.loads((repo.root / "flowers" / "policy.json").read_text()) == {"pin": None}
+    assert repo.resolve("flowers") == 3
+    with pytest.raises(ModelNotFound):
+        repo.set_pin("ghost", None)
+
+
+def test_a_pin_to_a_removed_version_or_a_broken_policy_is_reported(repo, export_dir):
+    repo.publish(export_dir, "flowers")
+    repo.publish(export_dir, "flowers")
+    repo.set_pin("flowers", 1)
+    shutil.rmtree(repo.version_dir("flowers", 1))
+    with pytest.raises(ModelNotFound, match="pinned to version 1"):
+        repo.resolve("flowers")
+    (repo.root / "flowers" / "policy.json").write_text('{"pin": "two"}')
+    with pytest.raises(BadRequest):
+        repo.pin("flowers")
+    (repo.root / "flowers" / "policy.json").write_text("not json")
+    with pytest.raises(RepositoryError, match=r"policy\.json"):
+        repo.pin("flowers")
+    assert repo.publish(export_dir, "flowers") == 3, "a removed number is never reused"
+
+
+def test_concurrent_publishes_get_distinct_versions(repo, export_dir):
+    """Threads in one process and separate processes, all publishing the same model at once."""
+    results: list[int] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(repo.publish(export_dir, "m")))
+        for _ in range(3)
+    ]
+    code = (
+        "from service.repository import ModelRepository;"
+        f"print(ModelRepository({str(repo.root)!r}).publish({str(export_dir)!r}, 'm'))"
+    )
+    processes = [_light_python(code) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    results += [int(p.communicate(timeout=120)[0]) for p in processes]
+    assert sorted(results) == [1, 2, 3, 4, 5, 6]
+    assert repo.versions("m") == [1, 2, 3, 4, 5, 6]
+    for version in results:
+        repo.verify("m", version)
+
+
+# A light process (no TensorFlow) that forks publishers on request, so each kill costs a fork
+# rather than a Python start-up. "start" forks a child that publishes in a loop and prints its
+# pid; "wait" reaps it and prints how it ended.
+FORKER = """
+import os, sys
+from service.repository import ModelRepository
+assert "tensorflow" not in sys.modules
+repository = ModelRepository(sys.argv[1])
+child = None
+for command in sys.stdin:
+    if command.strip() == "start":
+        child = os.fork()
+        if child == 0:
+            try:
+                while True:
+                    repository.publish(sys.argv[2], "m")
+            finally:
+                os._exit(3)
+        print(child, flush=True)
+    else:
+        _, status = os.waitpid(child, 0)
+        print(os.WTERMSIG(status) if os.WIFSIGNALED(status) else -1, flush=True)
+"""
+
+
+def test_kill_9_while_publishing_never_leaves_a_broken_version(repo, export_dir):
+    """SIGKILL a process that publishes in a loop at random instants, many times: every integer
+    folder that exists afterwards verifies, and the next publish cleans up and succeeds."""
+    rng = random.Random(1234)
+    model_dir = repo.root / "m"
+    forker = subprocess.Popen(
+        [sys.executable, "-c", FORKER, str(repo.root), str(export_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    kills, interrupted, deadline = 0, 0, time.monotonic() + 25
+    try:
+        while kills < 150 and time.monotonic() < deadline:
+            forker.stdin.write("start\n")
+            forker.stdin.flush()
+            pid = int(forker.stdout.readline())
+            time.sleep(rng.uniform(0, 0.12))
+            os.kill(pid, signal.SIGKILL)
+            forker.stdin.write("wait\n")
+            forker.stdin.flush()
+            assert int(forker.stdout.readline()) == signal.SIGKILL, "the publisher failed"
+            kills += 1
+            entries = list(model_dir.iterdir()) if model_dir.exists() else []
+            interrupted += any(e.name.startswith(".staging") for e in entries)
+            for entry in (e for e in entries if e.name.isdigit()):
+                verify_dir(entry, name="m", version=int(entry.name))
+    finally:
+        forker.stdin.close()
+        forker.wait(timeout=30)
+    assert kills >= 50 and interrupted >= 10, (kills, interrupted)
+    assert repo.versions("m"), "no publish ever completed; the test proved nothing"
+    next_version = repo.publish(export_dir, "m")
+    assert next_version == max(int(e.name) for e in model_dir.iterdir() if e.name.isdigit())
+    assert not [e for e in model_dir.iterdir() if e.name.startswith(".staging")]
