@@ -5,6 +5,7 @@ assembles them, and heavy imports (TensorFlow, BentoML) happen inside the comman
 import typer
 
 from service import __version__
+from training.commands_train import register as _register_train
 
 app = typer.Typer(
     name="graft",
@@ -19,3 +20,6 @@ app = typer.Typer(
 def version() -> None:
     """Print graft's version."""
     typer.echo(__version__)
+
+
+_register_train(app)

@@ -1,0 +1,309 @@
+"""`graft train` and `graft evaluate`.
+
+Both print progress and a short table on stderr and, as the LAST line on stdout, one JSON
+object that other tools parse. Bad input (missing folder, one class, nothing readable, bad
+name) ends with exit code 1 and a one-line `error: ...` on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+if TYPE_CHECKING:
+    from training.data import Dataset
+    from training.progress import Reporter
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+DEFAULT_IMAGE_SIZE = 224
+DEFAULT_EPOCHS = 15
+DEFAULT_FINE_TUNE_EPOCHS = 3
+DEFAULT_BATCH_SIZE = 32
+
+
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """Turn the errors a user can fix into `error: ...` + exit 1."""
+    from service.errors import GraftError
+    from training.data import DataError
+
+    try:
+        yield
+    except (DataError, GraftError, FileNotFoundError, ValueError) as error:
+        message = getattr(error, "message", None) or str(error)
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _default_report_dir(name: str, what: str) -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return Path("reports") / f"{name}-{what}-{stamp}"
+
+
+def _scan(data_dir: Path, work_dir: Path, reporter: Reporter, *, for_training: bool) -> Dataset:
+    from training.data import scan
+
+    with reporter.task("scan") as task:
+        dataset = scan(
+            data_dir,
+            work_dir,
+            for_training=for_training,
+            on_total=task.set_total,
+            on_progress=task.advance,
+        )
+    if dataset.rejected:
+        reporter.info(f"warning: {dataset.rejected_summary()}")
+    return dataset
+
+
+@dataclass
+class TrainOptions:
+    data_dir: Path
+    name: str
+    model_root: Path
+    backbone: str
+    image_size: int | None
+    epochs: int
+    fine_tune_epochs: int
+    fine_tune_layers: int | None
+    batch_size: int
+    max_per_class: int | None
+    seed: int
+    report_dir: Path | None
+    augment: bool
+    cache: bool
+    views: int
+    weights: str
+    quiet: bool
+
+
+def run_train(options: TrainOptions) -> dict:
+    """Scan -> split -> fit -> evaluate -> export -> publish; returns the result object."""
+    from service.repository import ModelRepository, validate_name
+    from training.augment import AugmentConfig, build_augmenter
+    from training.backbones import get_backbone
+    from training.data import split
+    from training.evaluate import classification_metrics, predict_keras
+    from training.export import export_model
+    from training.fit import FitConfig, fit
+    from training.model import build_classifier
+    from training.progress import Reporter
+    from training.report import print_summary, write_report
+
+    started = time.perf_counter()
+    validate_name(options.name)
+    spec = get_backbone(options.backbone)
+    reporter = Reporter(options.quiet)
+    report_dir = options.report_dir or _default_report_dir(options.name, "train")
+    timings: dict[str, object] = {}
+    with tempfile.TemporaryDirectory(prefix="graft-train-") as tmp:
+        t = time.perf_counter()
+        dataset = _scan(options.data_dir, Path(tmp) / "reencoded", reporter, for_training=True)
+        parts = split(dataset, seed=options.seed, max_per_class=options.max_per_class)
+        parts.write(dataset, report_dir / "split.json")
+        timings["scan"] = time.perf_counter() - t
+        reporter.info(
+            f"{len(dataset.classes)} classes, {len(dataset.samples)} images: "
+            f"train {len(parts.train)}, val {len(parts.val)}, test {len(parts.test)}"
+        )
+        image_size = options.image_size or DEFAULT_IMAGE_SIZE
+        weights = None if options.weights.lower() == "none" else options.weights
+        classifier = build_classifier(
+            spec.build(weights=weights, image_size=image_size),
+            len(dataset.classes),
+            image_size=image_size,
+            backbone=spec.name,
+            seed=options.seed,
+        )
+        config = FitConfig(
+            epochs=options.epochs,
+            fine_tune_epochs=options.fine_tune_epochs,
+            fine_tune_layers=options.fine_tune_layers
+            if options.fine_tune_layers is not None
+            else spec.fine_tune_layers,
+            batch_size=options.batch_size,
+            cache_features=options.cache,
+            views=options.views,
+            seed=options.seed,
+            checkpoint_dir=report_dir / "checkpoints",
+        )
+        augment = build_augmenter(AugmentConfig(), options.seed) if options.augment else None
+        result = fit(classifier, parts.train, parts.val, config, augment, reporter)
+        timings["phase1"] = result.phase1.to_json()
+        timings["phase2"] = result.phase2.to_json() if result.phase2 else None
+        t = time.perf_counter()
+        probabilities = predict_keras(classifier, parts.test, options.batch_size, reporter)
+        y_true = [s.label for s in parts.test]
+        metrics = classification_metrics(y_true, probabilities, dataset.classes)
+        timings["evaluate"] = time.perf_counter() - t
+        histories = {"phase 1": result.phase1.history}
+        if result.phase2:
+            histories["phase 2"] = result.phase2.history
+        files = write_report(report_dir, metrics, histories)
+        print_summary(reporter.console, metrics, f"test split ({options.name})")
+        t = time.perf_counter()
+        summary = {
+            "accuracy": metrics["accuracy"],
+            "macro_f1": metrics["macro_f1"],
+            "top_k_accuracy": metrics["top_k_accuracy"],
+            "test_images": metrics["count"],
+            "train_images": len(parts.train),
+            "split_seed": options.seed,
+            "max_per_class": options.max_per_class,
+        }
+        export_dir = export_model(
+            classifier.model,
+            Path(tmp) / "export",
+            labels=dataset.classes,
+            image_size=image_size,
+            backbone=spec.name,
+            metrics=summary,
+            dataset_fingerprint=dataset.fingerprint,
+        )
+        repository = ModelRepository(options.model_root)
+        version = repository.publish(export_dir, options.name)
+        timings["export"] = time.perf_counter() - t
+    (report_dir / "timings.json").write_text(json.dumps(timings, indent=2))
+    return {
+        "name": options.name,
+        "version": version,
+        "path": str(repository.version_dir(options.name, version)),
+        "metrics": summary,
+        "seconds": round(time.perf_counter() - started, 3),
+        "report_dir": str(report_dir),
+        "report": files,
+        "dataset_fingerprint": dataset.fingerprint,
+        "timings": timings,
+    }
+
+
+def train(
+    data_dir: Annotated[
+        Path, typer.Argument(help="folder with one sub-folder of images per class")
+    ],
+    name: Annotated[str, typer.Option(help="model name in the repository")],
+    model_root: Annotated[Path, typer.Option(help="model repository to publish into")],
+    backbone: Annotated[str, typer.Option(help="pretrained backbone")] = DEFAULT_BACKBONE,
+    image_size: Annotated[
+        int | None, typer.Option(help=f"input side in pixels [default: {DEFAULT_IMAGE_SIZE}]")
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="phase-1 (frozen backbone) epochs")] = DEFAULT_EPOCHS,
+    fine_tune_epochs: Annotated[
+        int, typer.Option(help="phase-2 (fine-tune) epochs; 0 skips phase 2")
+    ] = DEFAULT_FINE_TUNE_EPOCHS,
+    fine_tune_layers: Annotated[
+        int | None, typer.Option(help="top backbone layers to unfreeze [default: per backbone]")
+    ] = None,
+    batch_size: Annotated[int, typer.Option()] = DEFAULT_BATCH_SIZE,
+    max_per_class: Annotated[
+        int | None, typer.Option(help="cap training images per class (few-shot runs)")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed for the split, shuffling and augmentation")] = 0,
+    report_dir: Annotated[
+        Path | None, typer.Option(help="report folder [default: reports/NAME-train-TIME]")
+    ] = None,
+    no_augment: Annotated[bool, typer.Option("--no-augment", help="no augmentation")] = False,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="phase 1 on pixels, no feature cache")
+    ] = False,
+    views: Annotated[
+        int, typer.Option(help="augmented views per image in the phase-1 feature cache")
+    ] = 2,
+    weights: Annotated[
+        str, typer.Option(help="backbone weights: imagenet, a weights file, or none")
+    ] = "imagenet",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress or tables")] = False,
+) -> None:
+    """Train a classifier on DATA_DIR, evaluate it, publish it as a new version of NAME."""
+    options = TrainOptions(
+        data_dir, name, model_root, backbone, image_size, epochs, fine_tune_epochs,
+        fine_tune_layers, batch_size, max_per_class, seed, report_dir, not no_augment,
+        not no_cache, views, weights, quiet,
+    )  # fmt: skip
+    with _one_line_errors():
+        _check_positive(epochs=epochs, batch_size=batch_size, views=views)
+        result = run_train(options)
+    typer.echo(json.dumps(result))
+
+
+def _check_positive(**values: int) -> None:
+    for key, value in values.items():
+        if value < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
+
+
+def run_evaluate(
+    data_dir: Path,
+    name: str,
+    model_root: Path,
+    version: int | None,
+    report_dir: Path | None,
+    batch_size: int,
+    quiet: bool,
+) -> dict:
+    """Evaluate a published version on every readable image of a class-folder tree."""
+    import numpy as np
+
+    from service.repository import ModelRepository
+    from training.data import DataError
+    from training.evaluate import classification_metrics, predict_saved_model
+    from training.progress import Reporter
+    from training.report import print_summary, write_report
+
+    reporter = Reporter(quiet)
+    repository = ModelRepository(model_root)
+    resolved = repository.resolve(name, version)
+    repository.verify(name, resolved)
+    version_dir = repository.version_dir(name, resolved)
+    with tempfile.TemporaryDirectory(prefix="graft-evaluate-") as tmp:
+        dataset = _scan(data_dir, Path(tmp), reporter, for_training=False)
+        probabilities, labels = predict_saved_model(
+            version_dir, dataset.samples, batch_size, reporter
+        )
+    unknown = sorted(set(dataset.classes) - set(labels))
+    if unknown:
+        raise DataError(
+            f"class folder(s) {', '.join(unknown)} are not labels of {name} v{resolved} "
+            f"(its labels: {', '.join(labels)})"
+        )
+    y_true = np.array([labels.index(dataset.classes[s.label]) for s in dataset.samples])
+    metrics = classification_metrics(y_true, probabilities, labels)
+    report_dir = report_dir or _default_report_dir(name, f"v{resolved}-evaluate")
+    files = write_report(report_dir, metrics)
+    print_summary(reporter.console, metrics, f"{name} v{resolved} on {data_dir}")
+    return {"name": name, "version": resolved, **metrics, "report": files}
+
+
+def evaluate(
+    data_dir: Annotated[
+        Path, typer.Argument(help="folder with one sub-folder of images per class")
+    ],
+    name: Annotated[str, typer.Option(help="model name in the repository")],
+    model_root: Annotated[Path, typer.Option(help="model repository")],
+    version: Annotated[
+        int | None, typer.Option(help="version to evaluate [default: pinned, else newest]")
+    ] = None,
+    report_dir: Annotated[Path | None, typer.Option(help="report folder")] = None,
+    batch_size: Annotated[int, typer.Option()] = DEFAULT_BATCH_SIZE,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress or tables")] = False,
+) -> None:
+    """Evaluate a published model version on every image of DATA_DIR's class folders."""
+    with _one_line_errors():
+        _check_positive(batch_size=batch_size)
+        result = run_evaluate(data_dir, name, model_root, version, report_dir, batch_size, quiet)
+    typer.echo(json.dumps(result))
+
+
+def register(app: typer.Typer) -> None:
+    commands: list[Callable[..., None]] = [train, evaluate]
+    for command in commands:
+        app.command()(command)
