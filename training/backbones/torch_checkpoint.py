@@ -17,6 +17,7 @@ ever imported or executed.
 """
 
 import collections
+import math
 import pickle
 import struct
 from collections.abc import Mapping
@@ -184,6 +185,10 @@ def _read_storages(
 
 def _materialise(ref: _TensorRef, storage: np.ndarray) -> np.ndarray:
     # Tensors may be strided views (e.g. channels-last kernels): check the extent, then copy.
+    # Zero strides could make a tiny storage "hold" an enormous tensor, so a tensor may not
+    # have more elements than its storage.
+    if math.prod(ref.size) > storage.size:
+        raise CheckpointError(f"a tensor is larger than its storage {ref.storage.key!r}")
     extent = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride, strict=True))
     if 0 not in ref.size and extent >= storage.size:
         raise CheckpointError(f"a tensor reads past the end of storage {ref.storage.key!r}")
