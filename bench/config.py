@@ -1,0 +1,68 @@
+"""What a benchmark run measures and for how long: the full profile and the quick one."""
+
+from dataclasses import dataclass, replace
+
+from bench.images import REPO_ROOT
+
+BENCH_DIR = REPO_ROOT / "bench"
+RESULTS_DIR = BENCH_DIR / "results"  # gitignored: raw JSON, server logs, scratch repositories
+PLOTS_DIR = REPO_ROOT / "docs" / "bench"  # committed: the PNGs BENCHMARKS.md shows
+BENCHMARKS_MD = REPO_ROOT / "BENCHMARKS.md"
+VENV_BIN = REPO_ROOT / ".venv" / "bin"
+KSERVE_PYTHON = BENCH_DIR / ".venv-kserve" / "bin" / "python"
+
+# In run order. Sections that share a server (the three graft ones) share one start-up.
+SECTIONS = (
+    "loadgen",  # calibration: how fast the load generator can go, and its CPU per request
+    "ceiling",  # in-process serving_default on batches
+    "graft-http",
+    "graft-grpc",
+    "switch",  # version published during a concurrency-16 run
+    "graft-nobatch",  # GRAFT_MAX_BATCH_SIZE=1
+    "tutorial",  # bench/peers/tutorial_app.py
+    "kserve",  # KServe ModelServer, bench/peers/kserve_model.py
+    "training",  # bench/training_bench.py (the training engineer's)
+)
+QUICK_SKIPS = ("training",)  # minutes of training do not fit in `--quick`'s 3 minutes
+
+
+@dataclass(frozen=True)
+class Profile:
+    levels: tuple[int, ...]  # closed-loop concurrency levels
+    warmup_s: float
+    duration_s: float
+    images: int  # distinct photos sent, round-robin over the class folders
+    ceiling_batches: tuple[int, ...]
+    ceiling_duration_s: float
+    open_fractions: tuple[float, ...]  # open-loop rates, as fractions of the ceiling
+    switch_duration_s: float
+    switch_at: float = 0.35  # publish the new version this far into the switch window
+
+    def with_durations(self, warmup_s: float | None, duration_s: float | None) -> "Profile":
+        return replace(
+            self,
+            warmup_s=self.warmup_s if warmup_s is None else warmup_s,
+            duration_s=self.duration_s if duration_s is None else duration_s,
+        )
+
+
+FULL = Profile(
+    levels=(1, 4, 16, 64),
+    warmup_s=5.0,
+    duration_s=20.0,
+    images=256,
+    ceiling_batches=(1, 4, 16, 32),
+    ceiling_duration_s=10.0,
+    open_fractions=(0.5, 0.8),
+    switch_duration_s=45.0,
+)
+QUICK = Profile(
+    levels=(1, 16),
+    warmup_s=1.0,
+    duration_s=3.0,
+    images=48,
+    ceiling_batches=(1, 32),
+    ceiling_duration_s=2.0,
+    open_fractions=(0.5,),
+    switch_duration_s=14.0,
+)

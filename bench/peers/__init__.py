@@ -1,0 +1,1 @@
+"""The servers graft is compared with, each serving the same SavedModel."""

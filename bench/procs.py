@@ -1,0 +1,205 @@
+"""Server processes under test: start, wait until ready, sample memory, stop.
+
+Each server runs in its own process group so that stopping it also stops every worker it
+forked (BentoML runs one process per service), and memory is summed over the whole tree.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+READY_TIMEOUT_S = 300.0  # TensorFlow start-up on a busy 2-core machine can take minutes
+
+
+class ServerFailed(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def tree_memory(pid: int) -> tuple[int, int]:
+    """(sum of RSS, sum of PSS) in bytes over a process and all its descendants. RSS counts
+    shared pages once per process; PSS splits them, so it is the fairer total."""
+    rss = pss = 0
+    for proc in tree(pid):
+        try:
+            info = proc.memory_full_info()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        rss += info.rss
+        pss += getattr(info, "pss", info.rss)
+    return rss, pss
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    total = 0.0
+    for proc in tree(pid):
+        try:
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+@dataclass
+class TreeSampler:
+    """Samples a process tree's memory and CPU time on a thread, for peaks and CPU use over
+    any time range afterwards."""
+
+    pid: int
+    interval_s: float = 0.5
+    samples: list[tuple[float, int, int, float]] = field(default_factory=list)  # t,rss,pss,cpu
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss, pss = tree_memory(self.pid)
+            if rss:
+                self.samples.append((time.monotonic(), rss, pss, tree_cpu_seconds(self.pid)))
+            self._stop.wait(self.interval_s)
+
+    def peak(self, start: float = 0.0, end: float = float("inf")) -> dict[str, float]:
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        if not inside:
+            return {"rss_mib": float("nan"), "pss_mib": float("nan"), "samples": 0}
+        return {
+            "rss_mib": max(s[1] for s in inside) / 2**20,
+            "pss_mib": max(s[2] for s in inside) / 2**20,
+            "samples": len(inside),
+        }
+
+    def cpu_seconds(self, start: float, end: float) -> float:
+        """CPU the tree used between two instants (nearest samples; NaN without samples)."""
+        if not self.samples:
+            return float("nan")
+
+        def at(t: float) -> float:
+            return min(self.samples, key=lambda s: abs(s[0] - t))[3]
+
+        return at(end) - at(start)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+@dataclass
+class Server:
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+    sampler: TreeSampler
+    url: str
+    grpc_address: str | None = None
+    startup_s: float = 0.0
+
+
+def _log_tail(log: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def wait_ready(
+    process: subprocess.Popen[bytes], is_ready: Callable[[], bool], log: Path, timeout_s: float
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ServerFailed(
+                f"server exited with code {process.returncode} before it was ready; "
+                f"log {log}:\n{_log_tail(log)}"
+            )
+        try:
+            if is_ready():
+                return
+        except (httpx.HTTPError, OSError):
+            pass
+        time.sleep(0.5)
+    raise ServerFailed(f"server not ready after {timeout_s:.0f} s; log {log}:\n{_log_tail(log)}")
+
+
+def http_ok(url: str) -> Callable[[], bool]:
+    return lambda: httpx.get(url, timeout=5).status_code == 200
+
+
+def stop(process: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
+    """SIGTERM the whole group, then SIGKILL what is left after the grace period."""
+    if process.poll() is not None:
+        return
+    pids = [p.pid for p in tree(process.pid)]
+    with suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+    for pid in pids:  # workers that left the group (daemonised) must not outlive the run
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@contextmanager
+def serve(
+    name: str,
+    cmd: list[str],
+    *,
+    env: dict[str, str],
+    ready: Callable[[], bool],
+    url: str,
+    log_dir: Path,
+    cwd: Path,
+    grpc_address: str | None = None,
+    timeout_s: float = READY_TIMEOUT_S,
+) -> Iterator[Server]:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"{name}.log"
+    started = time.monotonic()
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            cmd,
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            start_new_session=True,
+        )
+    sampler = TreeSampler(process.pid)
+    try:
+        wait_ready(process, ready, log, timeout_s)
+        yield Server(
+            name, process, log, sampler, url, grpc_address, startup_s=time.monotonic() - started
+        )
+    finally:
+        sampler.stop()
+        stop(process)

@@ -1,0 +1,341 @@
+"""Each benchmark section: start what it needs, drive load, return a JSON-able result.
+
+Every section writes bench/results/<section>.json on its own, so a run can be resumed or
+repeated one section at a time (`python -m bench --only tutorial,kserve`).
+"""
+
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.config import RESULTS_DIR, Profile
+from bench.meta import CONTENTION_THRESHOLD
+from bench.procs import Server
+from bench.servers import Model
+from bench.stats import Sample, percentiles_ms
+
+WORK = RESULTS_DIR / "work"
+
+
+@dataclass(frozen=True)
+class Context:
+    profile: Profile
+    quick: bool
+    model: Model
+    images_dir: Path
+    python: str  # the venv interpreter that runs the load generator and the ceiling
+
+    def images(self) -> dict[str, Any]:
+        return {"dir": str(self.images_dir), "count": self.profile.images}
+
+
+def _subprocess_json(ctx: Context, module: str, spec: dict[str, Any], tag: str) -> Any:
+    WORK.mkdir(parents=True, exist_ok=True)
+    spec_path, out_path = WORK / f"{tag}.spec.json", WORK / f"{tag}.out.json"
+    spec_path.write_text(json.dumps(spec))
+    out_path.unlink(missing_ok=True)
+    done = subprocess.run(
+        [ctx.python, "-m", module, str(spec_path), str(out_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{module} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(out_path.read_text())
+
+
+def closed_run(ctx: Context, concurrency: int) -> dict[str, Any]:
+    p = ctx.profile
+    return {
+        "mode": "closed",
+        "concurrency": concurrency,
+        "warmup_s": p.warmup_s,
+        "duration_s": p.duration_s,
+    }
+
+
+def open_run(ctx: Context, rate: float) -> dict[str, Any]:
+    p = ctx.profile
+    return {"mode": "open", "rate": rate, "warmup_s": p.warmup_s, "duration_s": p.duration_s}
+
+
+def load(
+    ctx: Context,
+    target: dict[str, Any],
+    run: dict[str, Any],
+    server: Server | None,
+    tag: str,
+    keep_samples: bool = False,
+) -> dict[str, Any]:
+    """One load run in a separate load-generator process, annotated with the server's CPU
+    and with the CPU that other processes on the machine took meanwhile."""
+    spec = {"target": target, "images": ctx.images(), "runs": [run], "keep_samples": keep_samples}
+    result = _subprocess_json(ctx, "bench.loadgen", spec, tag)[0]
+    start, end = result["window"]
+    span = end - start
+    server_cpu = server.sampler.cpu_seconds(start, end) if server else 0.0
+    own = server_cpu + result["loadgen_cpu_s"]
+    foreign = max(result["machine_busy_cpu_s"] - own, 0.0) / (span * (os.cpu_count() or 1))
+    result.update(
+        server_cpu_cores=server_cpu / span,
+        foreign_cpu_share=foreign,
+        contended=foreign > CONTENTION_THRESHOLD,
+    )
+    _print_run(tag, result)
+    return result
+
+
+def _print_run(tag: str, r: dict[str, Any]) -> None:
+    what = f"c={r['concurrency']}" if r["mode"] == "closed" else f"rate={r['rate']:.1f}/s"
+    flag = "  [measured under contention]" if r.get("contended") else ""
+    print(
+        f"  {tag:<16} {what:<12} {r['throughput_ips']:7.1f} img/s  p50 "
+        f"{r['latency_ms']['p50']:7.1f}  p99 {r['latency_ms']['p99']:7.1f} ms  errors "
+        f"{r['errors']}{flag}",
+        flush=True,
+    )
+
+
+def open_rates(ctx: Context) -> list[float]:
+    """Open-loop rates as fractions of the measured ceiling, so every server gets the very
+    same offered load; none if the ceiling was never measured."""
+    path = RESULTS_DIR / "ceiling.json"
+    if not path.exists():
+        return []
+    best = json.loads(path.read_text()).get("best_throughput_ips")
+    return [round(best * f, 1) for f in ctx.profile.open_fractions] if best else []
+
+
+def batch_stats(url: str) -> tuple[float, float]:
+    """(sum, count) of graft_inference_batch_size over every label set, from /metrics."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    total = count = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name != "graft_inference_batch_size":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_sum"):
+                total += sample.value
+            elif sample.name.endswith("_count"):
+                count += sample.value
+    return total, count
+
+
+def server_runs(
+    ctx: Context,
+    target: dict[str, Any],
+    server: Server,
+    tag: str,
+    open_loop: bool,
+    levels: tuple[int, ...] | None = None,
+) -> list[dict[str, Any]]:
+    runs = [closed_run(ctx, c) for c in (levels or ctx.profile.levels)]
+    if open_loop:
+        runs += [open_run(ctx, rate) for rate in open_rates(ctx)]
+    return [load(ctx, target, run, server, tag) for run in runs]
+
+
+def server_summary(server: Server, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    first = min((r["window"][0] for r in runs), default=float("inf"))
+    return {
+        "startup_s": server.startup_s,
+        "memory_idle": server.sampler.peak(0.0, first),
+        "memory_under_load": server.sampler.peak(first),
+    }
+
+
+# -- sections --------------------------------------------------------------------------------
+
+
+def calibration(ctx: Context, server: Server) -> dict[str, Any]:
+    """The load generator against a do-nothing server: the most it can send, and its CPU per
+    request, to set beside the servers' rates (it must be far faster than any of them)."""
+    target = {"kind": "tutorial", "url": server.url, "model": ctx.model.name}
+    levels = (16,) if ctx.quick else (16, 64)
+    runs = server_runs(ctx, target, server, "loadgen", open_loop=False, levels=levels)
+    return {"runs": runs, "server": server_summary(server, runs)}
+
+
+def ceiling(ctx: Context) -> dict[str, Any]:
+    p = ctx.profile
+    spec = {
+        "model_dir": str(ctx.model.path),
+        "images": ctx.images(),
+        "batch_sizes": list(p.ceiling_batches),
+        "warmup_calls": 3,
+        "duration_s": p.ceiling_duration_s,
+    }
+    rows = _subprocess_json(ctx, "bench.ceiling", spec, "ceiling")
+    for row in rows:
+        print(
+            f"  ceiling          batch={row['batch_size']:<6} {row['throughput_ips']:7.1f} "
+            f"img/s  p50 {row['latency_ms']['p50']:7.1f} ms",
+            flush=True,
+        )
+    best = max(rows, key=lambda r: r["throughput_ips"])
+    batch1 = next((r for r in rows if r["batch_size"] == 1), None)
+    return {
+        "rows": rows,
+        "best_throughput_ips": best["throughput_ips"],
+        "best_batch_size": best["batch_size"],
+        "batch1_latency_ms": batch1["latency_ms"] if batch1 else None,
+        "contended": any(r["contended"] for r in rows),
+    }
+
+
+def graft_http(ctx: Context, server: Server) -> dict[str, Any]:
+    target = {"kind": "graft-http", "url": server.url, "model": ctx.model.name}
+    runs = []
+    for run in [closed_run(ctx, c) for c in ctx.profile.levels] + [
+        open_run(ctx, rate) for rate in open_rates(ctx)
+    ]:
+        before = batch_stats(server.url)
+        result = load(ctx, target, run, server, "graft-http")
+        after = batch_stats(server.url)
+        batches = after[1] - before[1]
+        result["mean_batch_size"] = (after[0] - before[0]) / batches if batches else None
+        runs.append(result)
+    return {"runs": runs, "server": server_summary(server, runs)}
+
+
+def graft_grpc(ctx: Context, server: Server) -> dict[str, Any]:
+    target = {"kind": "graft-grpc", "address": server.grpc_address, "model": ctx.model.name}
+    runs = server_runs(ctx, target, server, "graft-grpc", open_loop=False)
+    return {"runs": runs, "server": server_summary(server, runs)}
+
+
+def peer(ctx: Context, server: Server, kind: str, open_loop: bool = True) -> dict[str, Any]:
+    """Closed-loop levels (+ the shared open-loop rates) against one HTTP server."""
+    target = {"kind": kind, "url": server.url, "model": ctx.model.name}
+    runs = server_runs(ctx, target, server, server.name, open_loop=open_loop)
+    return {"runs": runs, "server": server_summary(server, runs)}
+
+
+def training(ctx: Context) -> dict[str, Any]:
+    """Delegates to bench/training_bench.py (owned by the training workstream) in its own
+    process, so the minutes of TensorFlow training never share memory with the harness."""
+    code = (
+        "import json, sys; from bench.training_bench import run; "
+        "json.dump(run(quick=sys.argv[1] == '1'), open(sys.argv[2], 'w'))"
+    )
+    out = WORK / "training.out.json"
+    WORK.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)
+    done = subprocess.run(
+        [ctx.python, "-c", code, "1" if ctx.quick else "0", str(out)], check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"bench.training_bench.run failed (exit {done.returncode})")
+    return {"figures": json.loads(out.read_text())}
+
+
+# -- version switch --------------------------------------------------------------------------
+
+
+def analyze_switch(
+    samples: list[Sample], window: tuple[float, float], published_at: float, old: int, new: int
+) -> dict[str, Any]:
+    """Steady = requests started before the publish; switch = requests started from the
+    publish until every answer comes from the new version (+1 s); after = the rest."""
+    inside = [s for s in samples if window[0] <= s.start < window[1]]
+    new_done = [s.start + s.latency_s for s in inside if s.version == new]
+    old_done = [s.start + s.latency_s for s in inside if s.version == old]
+    switched_at = max([min(new_done, default=float("inf")), *old_done])
+    settled = switched_at + 1.0
+
+    def ok_ms(a: float, b: float) -> dict[str, float]:
+        return percentiles_ms([s.latency_s for s in inside if a <= s.start < b and not s.error])
+
+    errors = [s for s in inside if s.error]
+    steady, during = ok_ms(window[0], published_at), ok_ms(published_at, settled)
+    return {
+        "switched": bool(new_done),
+        "switch_delay_s": (min(new_done) - published_at) if new_done else None,
+        "errors": len(errors),
+        "error_kinds": {
+            k: sum(1 for s in errors if s.error == k) for k in {s.error for s in errors}
+        },
+        "requests": len(inside),
+        "requests_by_version": {
+            str(v): sum(1 for s in inside if s.version == v) for v in (old, new)
+        },
+        "latency_ms_steady": steady,
+        "latency_ms_switch": during,
+        "latency_ms_after": ok_ms(settled, window[1]),
+        "p99_ratio": during["p99"] / steady["p99"] if steady["p99"] else None,
+        "switch_window": [published_at, settled],
+        "timeline": timeline(inside, published_at, new),
+    }
+
+
+def timeline(samples: list[Sample], origin: float, new: int, step: float = 1.0) -> list[dict]:
+    """Per-second buckets (by request start, relative to the publish) for the switch plot."""
+    buckets: dict[int, list[Sample]] = {}
+    for s in samples:
+        buckets.setdefault(int((s.start - origin) // step), []).append(s)
+    rows = []
+    for key in sorted(buckets):
+        bucket = buckets[key]
+        ok = [s for s in bucket if not s.error]
+        lat = percentiles_ms([s.latency_s for s in ok])
+        rows.append(
+            {
+                "t": key * step,
+                "requests": len(bucket),
+                "errors": len(bucket) - len(ok),
+                "p50_ms": lat["p50"],
+                "p99_ms": lat["p99"],
+                "new_share": sum(1 for s in ok if s.version == new) / max(len(ok), 1),
+            }
+        )
+    return rows
+
+
+def switch(ctx: Context, server: Server) -> dict[str, Any]:
+    """Concurrency 16 against graft; a new version is published part-way through."""
+    from service.repository import ModelRepository
+
+    p = ctx.profile
+    run = {
+        "mode": "closed",
+        "concurrency": 16,
+        "warmup_s": p.warmup_s,
+        "duration_s": p.switch_duration_s,
+    }
+    target = {"kind": "graft-http", "url": server.url, "model": ctx.model.name}
+    spec = {"target": target, "images": ctx.images(), "runs": [run], "keep_samples": True}
+    WORK.mkdir(parents=True, exist_ok=True)
+    spec_path, out_path = WORK / "switch.spec.json", WORK / "switch.out.json"
+    spec_path.write_text(json.dumps(spec))
+    loadgen = subprocess.Popen([ctx.python, "-m", "bench.loadgen", str(spec_path), str(out_path)])
+    repository = ModelRepository(_served_root(server))
+    time.sleep(p.warmup_s + p.switch_duration_s * p.switch_at)
+    published_at = time.monotonic()
+    new = repository.publish(ctx.model.path, ctx.model.name)
+    if loadgen.wait() != 0:
+        raise RuntimeError("the load generator failed during the switch run")
+    result = json.loads(out_path.read_text())[0]
+    samples = [Sample(*row) for row in result.pop("samples")]
+    analysis = analyze_switch(samples, tuple(result["window"]), published_at, new - 1, new)
+    a, b = analysis["switch_window"]
+    analysis["memory_steady"] = server.sampler.peak(result["window"][0], published_at)
+    analysis["memory_switch"] = server.sampler.peak(a, b + 5.0)
+    print(
+        f"  switch           v{new - 1}->v{new} after {analysis['switch_delay_s']} s, errors "
+        f"{analysis['errors']}, p99 steady {analysis['latency_ms_steady']['p99']:.1f} ms, "
+        f"during {analysis['latency_ms_switch']['p99']:.1f} ms",
+        flush=True,
+    )
+    return {"run": result, **analysis}
+
+
+def _served_root(server: Server) -> Path:
+    return RESULTS_DIR / "work" / f"{server.name}-repository"

@@ -1,0 +1,125 @@
+"""How to start each server under test, all serving the same SavedModel on loopback."""
+
+import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.config import BENCH_DIR, KSERVE_PYTHON, RESULTS_DIR, VENV_BIN
+from bench.images import REPO_ROOT
+from bench.procs import Server, free_port, http_ok, serve
+
+
+@dataclass(frozen=True)
+class Model:
+    """The one model every peer serves: a version folder of a graft model repository."""
+
+    name: str
+    version: int
+    path: Path
+    backbone: str
+    image_size: int
+    classes: int
+
+
+def _python() -> str:
+    venv_python = VENV_BIN / "python"
+    return str(venv_python) if venv_python.exists() else sys.executable
+
+
+def scratch_repository(model: Model, label: str) -> Path:
+    """A fresh repository holding only `model` as version 1, so graft serves exactly it and
+    the switch section can publish version 2 without touching the user's repository."""
+    from service.repository import ModelRepository
+
+    root = RESULTS_DIR / "work" / f"{label}-repository"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    ModelRepository(root).publish(model.path, model.name)
+    return root
+
+
+@contextmanager
+def graft(model: Model, label: str, env: dict[str, str] | None = None) -> Iterator[Server]:
+    root = scratch_repository(model, label)
+    port, grpc_port = free_port(), free_port()
+    graft_bin = VENV_BIN / "graft"
+    cmd = [str(graft_bin) if graft_bin.exists() else "graft", "serve"]
+    cmd += ["--model-root", str(root), "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--grpc-port", str(grpc_port), "--default-model", model.name]
+    url = f"http://127.0.0.1:{port}"
+    with serve(
+        label,
+        cmd,
+        env=env or {},
+        ready=http_ok(f"{url}/readyz"),
+        url=url,
+        log_dir=RESULTS_DIR / "logs",
+        cwd=REPO_ROOT,
+        grpc_address=f"127.0.0.1:{grpc_port}",
+    ) as server:
+        yield server
+
+
+@contextmanager
+def tutorial(model: Model) -> Iterator[Server]:
+    port = free_port()
+    cmd = [_python(), "-m", "uvicorn", "bench.peers.tutorial_app:app", "--host", "127.0.0.1"]
+    cmd += ["--port", str(port), "--no-access-log"]
+    url = f"http://127.0.0.1:{port}"
+    with serve(
+        "tutorial",
+        cmd,
+        env={"MODEL_DIR": str(model.path)},
+        ready=http_ok(f"{url}/healthz"),
+        url=url,
+        log_dir=RESULTS_DIR / "logs",
+        cwd=REPO_ROOT,
+    ) as server:
+        yield server
+
+
+def kserve_available() -> bool:
+    return KSERVE_PYTHON.exists()
+
+
+KSERVE_SETUP = BENCH_DIR / "peers" / "setup_kserve.sh"
+
+
+@contextmanager
+def kserve(model: Model) -> Iterator[Server]:
+    port = free_port()
+    cmd = [str(KSERVE_PYTHON), "-m", "bench.peers.kserve_model", "--model_dir", str(model.path)]
+    cmd += ["--model_name", model.name, "--http_port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    with serve(
+        "kserve",
+        cmd,
+        env={},
+        ready=http_ok(f"{url}/v1/models/{model.name}"),
+        url=url,
+        log_dir=RESULTS_DIR / "logs",
+        cwd=REPO_ROOT,
+    ) as server:
+        yield server
+
+
+@contextmanager
+def null_server() -> Iterator[Server]:
+    """A server that does no work, to see how fast the load generator alone can go."""
+    port = free_port()
+    cmd = [_python(), "-m", "uvicorn", "bench.null_app:app", "--host", "127.0.0.1"]
+    cmd += ["--port", str(port), "--no-access-log"]
+    url = f"http://127.0.0.1:{port}"
+    with serve(
+        "null",
+        cmd,
+        env={},
+        ready=http_ok(f"{url}/healthz"),
+        url=url,
+        log_dir=RESULTS_DIR / "logs",
+        cwd=REPO_ROOT,
+    ) as server:
+        yield server
