@@ -38,3 +38,7 @@ class GraftSettings(BaseSettings):
     )
     grpc_max_message_bytes: int = Field(32 * MiB, ge=1)
     max_push_bytes: int = Field(512 * MiB, ge=1, description="Largest model upload (tar.gz).")
+    max_push_uncompressed_bytes: int = Field(
+        2048 * MiB, ge=1, description="Largest total size a model upload may unpack to."
+    )
+    max_push_members: int = Field(64, ge=1, description="Most files a model upload may hold.")

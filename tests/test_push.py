@@ -1,0 +1,487 @@
+"""service.push on real tar.gz archives of real exports: what a push may contain, and that every
+refusal is a 422 naming the reason while the serving version stays untouched."""
+
+import io
+import shutil
+import tarfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from support.exports import make_tiny_export
+
+from service.errors import GraftError, RejectedModel
+from service.manifest import MANIFEST_FILE, Manifest, hash_tree
+from service.push import (
+    PushLimits,
+    check_export,
+    extract_archive,
+    pack_export,
+    receive_push,
+    refuse_denied_ops,
+    validate_export,
+)
+from service.repository import ModelRepository
+from service.settings import GraftSettings
+
+LIMITS = PushLimits()
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_export(tmp_path_factory.mktemp("push") / "export", ("red", "green", "blue"))
+
+
+@pytest.fixture(scope="module")
+def archive(export_dir: Path) -> bytes:
+    return pack_export(export_dir)
+
+
+@pytest.fixture
+def repository(tmp_path: Path) -> ModelRepository:
+    return ModelRepository(tmp_path / "models")
+
+
+def tar_gz(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as out:
+        for info, payload in members:
+            out.addfile(info, io.BytesIO(payload) if payload is not None else None)
+    return buffer.getvalue()
+
+
+def regular(name: str, payload: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    return info, payload
+
+
+def special(name: str, kind: bytes, linkname: str = "") -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, linkname
+    return info, None
+
+
+def export_members(export_dir: Path, prefix: str = "") -> list[tuple[tarfile.TarInfo, bytes]]:
+    return [
+        regular(prefix + path.relative_to(export_dir).as_posix(), path.read_bytes())
+        for path in sorted(export_dir.rglob("*"))
+        if path.is_file()
+    ]
+
+
+def push(data: bytes, repository: ModelRepository, work_dir: Path, **kwargs: object) -> int:
+    options = {"name": "flowers", "repository": repository, "limits": LIMITS, **kwargs}
+    return receive_push(data, work_dir=work_dir, **options)  # type: ignore[arg-type]
+
+
+def assert_rejected(
+    data: bytes, repository: ModelRepository, work_dir: Path, match: str, **kwargs: object
+) -> RejectedModel:
+    with pytest.raises(RejectedModel, match=match) as caught:
+        push(data, repository, work_dir, **kwargs)
+    assert caught.value.http_status == 422
+    assert repository.models() == [] or repository.versions("flowers") == [1]
+    assert not list(work_dir.glob("graft-push-*")), "the scratch folder was not cleaned up"
+    return caught.value
+
+
+def rehashed_copy(export_dir: Path, target: Path, edit: Callable[[Path], None]) -> Path:
+    """A copy of the export with `edit` applied and the manifest hashes recomputed, so only
+    the edit itself can be what a check objects to."""
+    shutil.copytree(export_dir, target)
+    edit(target)
+    manifest = Manifest.read(target)
+    manifest.model_copy(update={"files": hash_tree(target)}).write(target)
+    return target
+
+
+# -- happy paths --------------------------------------------------------------------------------
+
+
+def test_a_packed_export_publishes_as_the_next_version(
+    archive: bytes, repository: ModelRepository, tmp_path: Path
+) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    assert push(archive, repository, work) == 1
+    assert push(archive, repository, work) == 2
+    assert repository.verify("flowers", 2).labels == ["red", "green", "blue"]
+    assert not list(work.glob("graft-push-*"))
+
+
+@pytest.mark.parametrize("prefix", ["./", "export/"])
+def test_archives_made_with_tar_from_inside_or_above_the_folder_are_accepted(
+    export_dir: Path, repository: ModelRepository, tmp_path: Path, prefix: str
+) -> None:
+    folder = tarfile.TarInfo(prefix.rstrip("/") or ".")
+    folder.type = tarfile.DIRTYPE
+    data = tar_gz([(folder, None), *export_members(export_dir, prefix)])
+    assert push(data, repository, tmp_path) == 1
+
+
+def test_full_model_check_loads_and_warms_up_before_publishing(
+    archive: bytes, repository: ModelRepository, tmp_path: Path
+) -> None:
+    assert push(archive, repository, tmp_path, check_model=validate_export) == 1
+
+
+def test_limits_come_from_settings() -> None:
+    limits = PushLimits.from_settings(GraftSettings(max_push_bytes=10, max_push_members=3))
+    assert (limits.max_compressed_bytes, limits.max_members) == (10, 3)
+
+
+# -- archive-level refusals ---------------------------------------------------------------------
+
+ARCHIVE_ATTACKS: dict[str, tuple[list[tuple[tarfile.TarInfo, bytes | None]], str]] = {
+    "absolute path": ([regular("/etc/cron.d/graft", b"* * * * * root sh")], "absolute path"),
+    "dot-dot": ([regular("variables/../../escape.txt", b"x")], r"climbs out .*'\.\.'"),
+    "symlink": ([special("saved_model.pb", tarfile.SYMTYPE, "/etc/passwd")], "is a link"),
+    "hardlink": ([special("saved_model.pb", tarfile.LNKTYPE, "/etc/shadow")], "is a link"),
+    "char device": ([special("saved_model.pb", tarfile.CHRTYPE)], "device, fifo"),
+    "block device": ([special("saved_model.pb", tarfile.BLKTYPE)], "device, fifo"),
+    "fifo": ([special("saved_model.pb", tarfile.FIFOTYPE)], "device, fifo"),
+    "keras h5": ([regular("model.h5", b"\x89HDF\r\n\x1a\n")], r"unexpected file 'model\.h5'"),
+    "keras v3": ([regular("model.keras", b"PK\x03\x04")], r"unexpected file 'model\.keras'"),
+    "pickle": ([regular("variables/weights.pkl", b"\x80\x04.")], "unexpected file"),
+    "extra folder": (
+        [regular("graft.json", b"{}"), special("keras_metadata", tarfile.DIRTYPE)],
+        "unexpected folder",
+    ),
+    "backslash": ([regular("assets\\labels.txt", b"a\n")], "backslash"),
+    "duplicate": ([regular("graft.json", b"{}"), regular("graft.json", b"{}")], "appears twice"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ARCHIVE_ATTACKS))
+def test_hostile_members_are_refused_before_anything_is_written(
+    case: str, repository: ModelRepository, tmp_path: Path
+) -> None:
+    members, reason = ARCHIVE_ATTACKS[case]
+    assert_rejected(tar_gz(members), repository, tmp_path, reason)
+
+
+def test_a_rejected_push_leaves_the_serving_version_untouched(
+    archive: bytes, repository: ModelRepository, tmp_path: Path
+) -> None:
+    assert push(archive, repository, tmp_path) == 1
+    before = repository.verify("flowers", 1)
+    assert_rejected(tar_gz([regular("../x", b"")]), repository, tmp_path, "climbs out")
+    assert repository.versions("flowers") == [1]
+    assert repository.verify("flowers", 1) == before
+
+
+def test_member_count_is_capped(
+    export_dir: Path, repository: ModelRepository, tmp_path: Path
+) -> None:
+    data = tar_gz(export_members(export_dir))
+    assert_rejected(
+        data, repository, tmp_path, "more than 4 members", limits=PushLimits(max_members=4)
+    )
+
+
+def test_uncompressed_size_is_capped_while_streaming(
+    repository: ModelRepository, tmp_path: Path
+) -> None:
+    """A gzip bomb: 64 MiB of zeros in a ~64 KiB archive stops at the 8 MiB cap."""
+    bomb = tarfile.TarInfo("variables/variables.data-00000-of-00001")
+    bomb.size = 64 * 1024 * 1024
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=1) as out:
+        out.addfile(bomb, _Zeros(bomb.size))
+    data = buffer.getvalue()
+    assert len(data) < 512 * 1024
+    limits = PushLimits(max_uncompressed_bytes=8 * 1024 * 1024)
+    assert_rejected(data, repository, tmp_path, "unpacks to more than 8 MiB", limits=limits)
+
+
+def test_compressed_size_is_capped_for_bytes_and_streams(
+    repository: ModelRepository, tmp_path: Path
+) -> None:
+    noise = __import__("os").urandom(2 * 1024 * 1024)  # incompressible
+    data = tar_gz([regular("variables/variables.data-00000-of-00001", noise)])
+    limits = PushLimits(max_compressed_bytes=1024 * 1024)
+    assert_rejected(data, repository, tmp_path, "over 1 MiB", limits=limits)
+    with pytest.raises(RejectedModel, match="over 1 MiB"):
+        extract_archive(io.BytesIO(data), tmp_path / "streamed", limits)
+
+
+@pytest.mark.parametrize(
+    ("payload", "why"),
+    [
+        (b"", "not a valid tar.gz"),
+        (b"PK\x03\x04 a zip file", "not a valid tar.gz"),
+        (b"\x80\x04\x95 a pickle", "not a valid tar.gz"),
+    ],
+)
+def test_not_a_gzip_tar(
+    payload: bytes, why: str, repository: ModelRepository, tmp_path: Path
+) -> None:
+    assert_rejected(payload, repository, tmp_path, why)
+
+
+def test_plain_uncompressed_tar_is_refused(
+    export_dir: Path, repository: ModelRepository, tmp_path: Path
+) -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as out:
+        out.add(export_dir / "graft.json", arcname="graft.json")
+    assert_rejected(buffer.getvalue(), repository, tmp_path, "not a valid tar.gz")
+
+
+def test_truncated_archive(archive: bytes, repository: ModelRepository, tmp_path: Path) -> None:
+    assert_rejected(archive[: len(archive) // 2], repository, tmp_path, "not a valid tar.gz")
+
+
+# -- export-level refusals ----------------------------------------------------------------------
+
+
+def test_a_file_changed_after_export_fails_the_hash_check(
+    export_dir: Path, repository: ModelRepository, tmp_path: Path
+) -> None:
+    members = export_members(export_dir)
+    tampered = [
+        regular(info.name, payload + b"\x00" if info.name == "saved_model.pb" else payload)
+        for info, payload in members
+    ]
+    assert_rejected(
+        tar_gz(tampered), repository, tmp_path, r"manifest check failed.*changed: saved_model\.pb"
+    )
+
+
+def test_an_extra_shard_not_in_the_manifest_is_refused(
+    export_dir: Path, repository: ModelRepository, tmp_path: Path
+) -> None:
+    extra = regular("variables/variables.data-00001-of-00002", b"\x00" * 16)
+    data = tar_gz([*export_members(export_dir), extra])
+    assert_rejected(data, repository, tmp_path, "not in manifest: variables/variables.data-00001")
+
+
+@pytest.mark.parametrize("missing", ["assets/labels.txt", "graft.json", "saved_model.pb"])
+def test_missing_required_files(
+    export_dir: Path, repository: ModelRepository, tmp_path: Path, missing: str
+) -> None:
+    members = [m for m in export_members(export_dir) if m[0].name != missing]
+    assert_rejected(tar_gz(members), repository, tmp_path, f"lacks {missing}")
+
+
+def test_labels_file_disagreeing_with_the_manifest(
+    export_dir: Path, repository: ModelRepository, tmp_path: Path
+) -> None:
+    def edit(folder: Path) -> None:
+        (folder / "assets/labels.txt").write_text("red\ngreen\nmauve\n")
+
+    copy = rehashed_copy(export_dir, tmp_path / "copy", edit)
+    work = tmp_path / "work"
+    work.mkdir()
+    assert_rejected(pack_export(copy), repository, work, "labels.txt disagrees")
+
+
+def test_a_keras_lambda_config_is_refused(
+    export_dir: Path, repository: ModelRepository, tmp_path: Path
+) -> None:
+    def edit(folder: Path) -> None:
+        with (folder / "saved_model.pb").open("ab") as out:
+            out.write(b'{"class_name": "Lambda", "config": {"function": ["4wEAAAAA", null]}}')
+
+    copy = rehashed_copy(export_dir, tmp_path / "copy", edit)
+    work = tmp_path / "work"
+    work.mkdir()
+    assert_rejected(pack_export(copy), repository, work, "Keras Lambda layer")
+
+
+def test_oversized_manifest_is_refused_before_parsing(export_dir: Path, tmp_path: Path) -> None:
+    copy = shutil.copytree(export_dir, tmp_path / "copy")
+    (copy / MANIFEST_FILE).write_bytes(b" " * (5 * 1024 * 1024))
+    with pytest.raises(RejectedModel, match=r"graft\.json is over 4 MiB"):
+        check_export(copy)
+
+
+# -- model-level refusals (TensorFlow) ----------------------------------------------------------
+
+
+def raw_saved_model(folder: Path, labels: list[str], outputs: Callable) -> Path:
+    """A SavedModel built by hand (not through export_model, which would refuse these), with
+    the labels file and a manifest, so only the model itself is wrong."""
+    import tensorflow as tf
+
+    class Module(tf.Module):
+        def __init__(self) -> None:
+            self.bias = tf.Variable(0.0)
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+        def serve(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
+            probabilities = outputs(images) + self.bias
+            return {
+                "probabilities": probabilities,
+                "label": tf.gather(tf.constant(labels), tf.argmax(probabilities, axis=-1)),
+                "score": tf.reduce_max(probabilities, axis=-1),
+            }
+
+    module = Module()
+    tf.saved_model.save(module, str(folder), signatures={"serving_default": module.serve})
+    (folder / "assets").mkdir(exist_ok=True)
+    (folder / "assets/labels.txt").write_text("".join(f"{label}\n" for label in labels))
+    Manifest(backbone="raw", image_size=8, labels=labels, files=hash_tree(folder)).write(folder)
+    return folder
+
+
+def _rows(images, values):  # inside a tf.function: tensors in, tensor out
+    import tensorflow as tf
+
+    return tf.tile(tf.constant([values], tf.float32), [tf.shape(images)[0], 1])
+
+
+MODEL_FAULTS: dict[str, tuple[list[str], Callable, str]] = {
+    "nan": (["a", "b"], lambda images: _rows(images, [float("nan"), 1.0]), "NaN"),
+    "not normalised": (["a", "b"], lambda images: _rows(images, [0.9, 0.9]), "not 1"),
+    "width != labels": (
+        ["a", "b", "c"],
+        lambda images: _rows(images, [0.5, 0.5]),
+        "2 probabilities",
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(MODEL_FAULTS))
+def test_model_faults_are_refused_by_the_full_check(
+    fault: str, repository: ModelRepository, tmp_path: Path
+) -> None:
+    labels, outputs, reason = MODEL_FAULTS[fault]
+    folder = raw_saved_model(tmp_path / "raw", labels, outputs)
+    work = tmp_path / "work"
+    work.mkdir()
+    assert_rejected(pack_export(folder), repository, work, reason, check_model=validate_export)
+
+
+def test_a_graph_that_writes_files_is_refused(repository: ModelRepository, tmp_path: Path) -> None:
+    import tensorflow as tf
+
+    planted = tmp_path / "planted"
+
+    def outputs(images: tf.Tensor) -> tf.Tensor:
+        with tf.control_dependencies([tf.io.write_file(str(planted), images[0])]):
+            return _rows(images, [0.5, 0.5])
+
+    folder = raw_saved_model(tmp_path / "raw", ["a", "b"], outputs)
+    with pytest.raises(RejectedModel, match="WriteFile"):
+        refuse_denied_ops(folder / "saved_model.pb")
+    work = tmp_path / "work"
+    work.mkdir()
+    assert_rejected(pack_export(folder), repository, work, "WriteFile", check_model=validate_export)
+    assert not planted.exists(), "the hostile graph ran"
+
+
+def test_a_real_export_uses_no_denied_op(export_dir: Path) -> None:
+    refuse_denied_ops(export_dir / "saved_model.pb")
+
+
+# -- concurrency --------------------------------------------------------------------------------
+
+
+def test_concurrent_pushes_get_distinct_complete_versions(
+    archive: bytes, repository: ModelRepository, tmp_path: Path
+) -> None:
+    results: list[int] = []
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            results.append(push(archive, repository, tmp_path))
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=one) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert sorted(results) == [1, 2, 3, 4] == repository.versions("flowers")
+    for version in results:
+        repository.verify("flowers", version)
+
+
+# -- fuzzing --------------------------------------------------------------------------------------
+
+NAMES = st.sampled_from(
+    [
+        "saved_model.pb", "graft.json", "assets/labels.txt", "variables/variables.index",
+        "variables/variables.data-00000-of-00001", "variables", "assets", ".", "./x", "/abs",
+        "../up", "a/../../b", "export/saved_model.pb", "model.h5", "", "a\\b", "assets/\x01",
+    ]
+)  # fmt: skip
+KINDS = st.sampled_from(
+    [tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.FIFOTYPE]
+)
+FUZZ = settings(
+    max_examples=400,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    database=None,
+)
+
+
+@FUZZ
+@given(entries=st.lists(st.tuples(NAMES, KINDS, st.binary(max_size=64)), max_size=8))
+def test_fuzz_arbitrary_archives_never_escape_the_target(
+    entries: list[tuple[str, bytes, bytes]], tmp_path: Path
+) -> None:
+    members = []
+    for name, kind, payload in entries:
+        info = tarfile.TarInfo(name)
+        info.type = kind
+        if kind == tarfile.REGTYPE:
+            info.size = len(payload)
+        else:
+            info.linkname = "/etc/passwd"
+        members.append((info, payload if kind == tarfile.REGTYPE else None))
+    scratch = Path(__import__("tempfile").mkdtemp(dir=tmp_path))
+    target = scratch / "inner" / "export"
+    try:
+        extract_archive(io.BytesIO(tar_gz(members)), target, LIMITS)
+        check_export(target)
+    except RejectedModel as error:
+        assert error.message
+    written = {p.relative_to(scratch).as_posix() for p in scratch.rglob("*")}
+    assert all(p == "inner" or p.startswith("inner/export") for p in written), written
+    assert not any(p.is_symlink() for p in scratch.rglob("*"))
+    shutil.rmtree(scratch)
+
+
+@FUZZ
+@given(
+    flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), min_size=1, max_size=6),
+)
+def test_fuzz_corrupted_archives_are_only_ever_rejected(
+    archive: bytes, flips: list[tuple[int, int]], tmp_path: Path
+) -> None:
+    data = bytearray(archive)
+    for position, mask in flips:
+        data[position % len(data)] ^= mask
+    target = Path(__import__("tempfile").mkdtemp(dir=tmp_path)) / "export"
+    try:
+        extract_archive(io.BytesIO(bytes(data)), target, LIMITS)
+        check_export(target)
+    except GraftError as error:
+        assert isinstance(error, RejectedModel) and error.message
+    shutil.rmtree(target.parent)
+
+
+class _Zeros(io.RawIOBase):
+    """`size` zero bytes, produced on demand (so the bomb test allocates nothing big)."""
+
+    def __init__(self, size: int) -> None:
+        self._left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        count = min(len(buffer), self._left)
+        buffer[:count] = bytes(count)
+        self._left -= count
+        return count
