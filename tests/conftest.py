@@ -3,3 +3,25 @@
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+
+# -- serving: a really trained tiny model, published once per session ------------------------
+import pytest
+
+
+@pytest.fixture(scope="session")
+def colour_export(tmp_path_factory: pytest.TempPathFactory):
+    """An export folder of a tiny classifier trained on red/green/blue images (support.trained)."""
+    from support.trained import train_colour_export
+
+    return train_colour_export(tmp_path_factory.mktemp("colour") / "export")
+
+
+@pytest.fixture(scope="session")
+def colour_model_root(tmp_path_factory: pytest.TempPathFactory, colour_export):
+    """A model root holding `colours` version 1. Read-only: copy it before changing anything."""
+    from service.repository import ModelRepository
+
+    root = tmp_path_factory.mktemp("models")
+    ModelRepository(root).publish(colour_export, "colours")
+    return root

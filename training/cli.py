@@ -5,6 +5,7 @@ assembles them, and heavy imports (TensorFlow, BentoML) happen inside the comman
 import typer
 
 from service import __version__
+from service.commands import register as _register_serve
 from training.commands_train import register as _register_train
 
 app = typer.Typer(
@@ -22,4 +23,5 @@ def version() -> None:
     typer.echo(__version__)
 
 
+_register_serve(app)
 _register_train(app)

@@ -1,0 +1,166 @@
+"""graft's BentoML services: `Graft` (the entry service) and `Inference` (internal).
+
+- `Inference` owns the loaded models (through the VersionManager) and the batchable `infer`
+  API: BentoML's adaptive batching merges the images of concurrent requests, from every
+  protocol, into one batch per call of the SavedModel. One worker process: the models live
+  there once, and TensorFlow already uses every core inside a batch.
+- `Graft` is what clients reach: the HTTP routes (a Starlette app mounted at /), the request
+  guard (no pickle, body limits), readiness, metrics and the management API, and the gRPC
+  server when `grpc_port` is not 0. It never imports TensorFlow, so extra entry workers
+  (`GRAFT_WORKERS`) are cheap. It reaches `Inference` through `bentoml.depends`: over a Unix
+  socket in production, in-process under `bentoml serve --development`.
+
+Settings are read once per process from GRAFT_* variables (`graft serve` exports them).
+"""
+
+import asyncio
+import importlib.util
+import logging
+import math
+import sys
+from typing import Any
+
+import aiohttp
+import bentoml
+from pydantic import BaseModel
+
+from service.asgi_guard import RequestGuard
+from service.errors import GraftError
+from service.gateway import Gateway, error_from_code
+from service.http_api import build_app
+from service.inference import InferItem, InferResult, ModelMetadata, metadata_of, run_batch
+from service.manager import ModelStatus, VersionManager
+from service.repository import ModelRepository
+from service.settings import GraftSettings
+
+logger = logging.getLogger("graft.service")
+SETTINGS = GraftSettings()
+# BentoML's traffic timeout is a backstop behind the gateway's own per-request deadline.
+_TIMEOUT_S = SETTINGS.request_timeout_s + 10
+
+
+class MetadataReply(BaseModel):
+    """`ModelMetadata`, or the GraftError that prevented it, across the process boundary."""
+
+    metadata: ModelMetadata | None = None
+    error_code: str | None = None
+    error: str | None = None
+
+
+@bentoml.service(name="graft-inference", workers=1, traffic={"timeout": _TIMEOUT_S})
+class Inference:
+    def __init__(self) -> None:
+        repository = ModelRepository(SETTINGS.model_root)
+        self.manager = VersionManager(repository, SETTINGS.poll_interval_s)
+        self.manager.start()
+
+    @bentoml.on_shutdown
+    def stop(self) -> None:
+        self.manager.stop()
+
+    def __is_ready__(self) -> bool:
+        return self.manager.ready(SETTINGS.default_model)
+
+    @bentoml.api(
+        batchable=True,
+        max_batch_size=SETTINGS.max_batch_size,
+        max_latency_ms=SETTINGS.max_latency_ms,
+    )
+    def infer(self, items: list[InferItem]) -> list[InferResult]:
+        return run_batch(self.manager, items)
+
+    @bentoml.api
+    def status(self) -> list[ModelStatus]:
+        return self.manager.status()
+
+    @bentoml.api
+    def metadata(self, model: str, version: int) -> MetadataReply:
+        try:
+            return MetadataReply(metadata=metadata_of(self.manager.get(model, version)))
+        except GraftError as exc:
+            return MetadataReply(error_code=exc.code, error=exc.message)
+
+    @bentoml.api
+    def refresh(self) -> bool:
+        self.manager.refresh()
+        return True
+
+
+class _InferenceClient:
+    """The Gateway's InferenceBackend on top of the `Inference` dependency.
+
+    BentoML 1.4's dependency client recycles its aiohttp session every 100 requests by closing
+    it, which cuts the requests still in flight on it ("Server disconnected", bentoml#4971).
+    Recycling is turned off here, and every call (all are idempotent) is retried once after a
+    connection-level failure.
+    """
+
+    def __init__(self, inference: Any) -> None:
+        self._inference = inference
+        sessions = getattr(inference.to_async, "_session_manager", None)
+        if sessions is not None:  # absent in-process (bentoml serve --development)
+            sessions.max_requests = sys.maxsize
+            sessions.max_age = math.inf
+
+    async def infer(self, items: list[InferItem]) -> list[InferResult]:
+        results = await self._retrying("infer", items)
+        return [InferResult.model_validate(r) for r in results]
+
+    async def status(self) -> list[ModelStatus]:
+        statuses = await self._retrying("status")
+        return [ModelStatus.model_validate(s) for s in statuses]
+
+    async def metadata(self, model: str, version: int) -> ModelMetadata:
+        reply = MetadataReply.model_validate(await self._retrying("metadata", model, version))
+        if reply.metadata is None:
+            raise error_from_code(reply.error_code or "internal", reply.error or "no metadata")
+        return reply.metadata
+
+    async def refresh(self) -> None:
+        await self._retrying("refresh")
+
+    async def _retrying(self, api: str, *args: Any) -> Any:
+        call = getattr(self._inference.to_async, api)
+        try:
+            return await call(*args)
+        except aiohttp.ClientConnectionError as exc:
+            logger.warning("inference %s: %s; retrying once", api, exc)
+            return await call(*args)
+
+
+def _current_gateway() -> Gateway:
+    return bentoml.get_current_service().gateway
+
+
+@bentoml.asgi_app(build_app(_current_gateway, SETTINGS), path="/")
+@bentoml.service(name="graft", workers=SETTINGS.workers, traffic={"timeout": _TIMEOUT_S})
+class Graft:
+    inference = bentoml.depends(Inference)
+
+    def __init__(self) -> None:
+        self.gateway = Gateway(_InferenceClient(self.inference), SETTINGS)
+        self._watcher: asyncio.Task[None] | None = None
+        self._grpc: Any = None
+
+    @bentoml.on_startup
+    async def start(self) -> None:
+        self._watcher = asyncio.create_task(self.gateway.watch_status())
+        if SETTINGS.grpc_port and importlib.util.find_spec("service.grpc_server") is not None:
+            from service.grpc_server import start_grpc_server
+
+            self._grpc = await start_grpc_server(self.gateway, SETTINGS)
+
+    @bentoml.on_shutdown
+    async def stop(self) -> None:
+        if self._grpc is not None:
+            await self._grpc.stop(grace=5)
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+    async def __is_ready__(self) -> bool:
+        return self.gateway.ready()
+
+
+Graft.add_asgi_middleware(
+    RequestGuard, max_body_bytes=SETTINGS.max_body_bytes, max_push_bytes=SETTINGS.max_push_bytes
+)

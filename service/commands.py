@@ -1,0 +1,94 @@
+"""`graft serve`: serve every model in a repository over HTTP (and gRPC) with BentoML."""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import SecretStr, ValidationError
+
+from service.settings import GraftSettings
+
+
+def serve(
+    model_root: Annotated[
+        Path | None, typer.Option(help="Model repository (TF Serving layout). [GRAFT_MODEL_ROOT]")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Address to listen on. [GRAFT_HOST]")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port. [GRAFT_PORT]")] = None,
+    grpc_port: Annotated[
+        int | None, typer.Option(help="gRPC port; 0 turns gRPC off. [GRAFT_GRPC_PORT]")
+    ] = None,
+    default_model: Annotated[
+        str | None, typer.Option(help="Model for requests naming none. [GRAFT_DEFAULT_MODEL]")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="HTTP worker processes. [GRAFT_WORKERS]")
+    ] = None,
+) -> None:
+    """Serve the models under --model-root; an empty repository gets the ImageNet default.
+
+    Every other setting comes from GRAFT_* environment variables (see the README), e.g.
+    GRAFT_ADMIN_TOKEN turns the management API on.
+    """
+    flags = {
+        "model_root": model_root,
+        "host": host,
+        "port": port,
+        "grpc_port": grpc_port,
+        "default_model": default_model,
+        "workers": workers,
+    }
+    try:
+        settings = GraftSettings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    settings.model_root = settings.model_root.resolve()
+    _ensure_a_model(settings)
+    _export(settings)
+    _serve(settings)
+
+
+def _ensure_a_model(settings: GraftSettings) -> None:
+    from service.repository import ModelRepository
+
+    if ModelRepository(settings.model_root).models():
+        return
+    typer.echo(f"{settings.model_root} holds no model: installing the ImageNet default first")
+    from training.commands_models import init_default
+
+    init_default(model_root=settings.model_root)
+
+
+def _export(settings: GraftSettings) -> None:
+    """Hand the settings to BentoML's worker processes, which inherit the environment."""
+    for field, value in settings.model_dump().items():
+        key = f"GRAFT_{field.upper()}"
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            secret = value.get_secret_value() if isinstance(value, SecretStr) else value
+            os.environ[key] = str(secret)
+
+
+def _serve(settings: GraftSettings) -> None:
+    # A private BentoML home per server: BentoML wipes its Prometheus multiprocess folder on
+    # start, and two servers sharing one (tests, a second replica) would corrupt each other's
+    # metrics.
+    home = tempfile.mkdtemp(prefix="graft-bentoml-")
+    os.environ["BENTOML_HOME"] = home
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+    try:
+        from service.bento import Graft
+
+        # Workers import "service.bento:Graft" from the service's working_dir (the cwd at
+        # import); graft is installed, so any cwd works.
+        Graft.serve_http(host=settings.host, port=settings.port)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(serve)

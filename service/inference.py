@@ -1,0 +1,125 @@
+"""What the entry service and the inference service exchange, and how a batch is run.
+
+A batch mixes items from many requests (HTTP and gRPC alike), possibly for different models and
+versions. Items are grouped by (model, version) and each group is one call of the SavedModel's
+`serving_default` on the encoded bytes. If a group fails to decode, its items are re-run one by
+one, so a single bad image fails only its own item (and so its own request), never the batch.
+"""
+
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from service import metrics
+from service.errors import GraftError, InvalidImage
+from service.manager import VersionManager
+
+if TYPE_CHECKING:  # runtime imports TensorFlow; the entry process must not
+    from service.runtime import LoadedModel
+
+
+class InferItem(BaseModel):
+    """One image of one request. `version` None means the model's active version."""
+
+    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+
+    model: str
+    version: int | None = None
+    image: bytes
+    enqueued_at: float  # time.time() in the gateway, for the queue-wait metric
+
+
+class InferResult(BaseModel):
+    """Probabilities of one item (float32 bytes, C values), or the error it raised."""
+
+    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+
+    model: str
+    version: int | None = None
+    probabilities: bytes | None = None
+    error_code: str | None = None
+    error: str | None = None
+
+    def array(self) -> np.ndarray:
+        return np.frombuffer(self.probabilities or b"", dtype=np.float32)
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    version: int
+    labels: list[str]
+    image_size: int
+    signatures: dict[str, Any]
+
+
+def metadata_of(model: "LoadedModel") -> ModelMetadata:
+    return ModelMetadata(
+        name=model.name,
+        version=model.version,
+        labels=model.labels,
+        image_size=model.image_size,
+        signatures=model.signatures,
+    )
+
+
+def run_batch(manager: VersionManager, items: list[InferItem]) -> list[InferResult]:
+    """Results for `items`, in order; never raises for a problem with one item."""
+    started = time.time()
+    for item in items:
+        metrics.QUEUE_WAIT.observe(max(0.0, started - item.enqueued_at))
+    results: list[InferResult | None] = [None] * len(items)
+    groups: dict[tuple[str, int | None], list[int]] = defaultdict(list)
+    for index, item in enumerate(items):
+        groups[(item.model, item.version)].append(index)
+    for (name, version), indices in groups.items():
+        try:
+            model = manager.get(name, version)
+        except GraftError as exc:
+            for index in indices:
+                results[index] = _failure(name, version, exc)
+            continue
+        group = _run_group(model, [items[i] for i in indices])
+        for index, result in zip(indices, group, strict=True):
+            results[index] = result
+    return [r for r in results if r is not None]
+
+
+def _run_group(model: "LoadedModel", items: list[InferItem]) -> list[InferResult]:
+    started = time.perf_counter()
+    try:
+        probabilities = model.predict([item.image for item in items])
+    except InvalidImage:
+        return [_run_one(model, item) for item in items]
+    version = str(model.version)
+    metrics.BATCH_SIZE.labels(model.name, version).observe(len(items))
+    metrics.INFERENCE_DURATION.labels(model.name, version).observe(time.perf_counter() - started)
+    return [_success(model, row) for row in probabilities]
+
+
+def _run_one(model: "LoadedModel", item: InferItem) -> InferResult:
+    started = time.perf_counter()
+    try:
+        probabilities = model.predict([item.image])
+    except InvalidImage as exc:
+        return _failure(model.name, model.version, exc)
+    version = str(model.version)
+    metrics.BATCH_SIZE.labels(model.name, version).observe(1)
+    metrics.INFERENCE_DURATION.labels(model.name, version).observe(time.perf_counter() - started)
+    return _success(model, probabilities[0])
+
+
+def _success(model: "LoadedModel", row: np.ndarray) -> InferResult:
+    top = int(np.argmax(row))
+    version = str(model.version)
+    metrics.PREDICTIONS.labels(model.name, version, model.labels[top]).inc()
+    metrics.CONFIDENCE.labels(model.name, version).observe(float(row[top]))
+    return InferResult(
+        model=model.name, version=model.version, probabilities=row.astype(np.float32).tobytes()
+    )
+
+
+def _failure(name: str, version: int | None, exc: GraftError) -> InferResult:
+    return InferResult(model=name, version=version, error_code=exc.code, error=exc.message)

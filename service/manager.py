@@ -1,0 +1,241 @@
+"""The version manager: keeps the right version of every model loaded, and swaps without a gap.
+
+A daemon thread polls the repository (versions on disk and policy.json) every
+`poll_interval_s`. When a model's wanted version (pin, else newest) is not the active one, it
+is loaded, verified and warmed up by `LoadedModel.load` while the active version keeps serving,
+then swapped in under a lock: a batch that already took its `LoadedModel` finishes on it. The
+replaced version stays loaded as `previous`, so a request resolved just before a swap, or a
+rollback to it, needs no load; anything older is dropped. A version that fails to load is
+marked FAILED with the reason and never retried (published versions are immutable).
+"""
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel
+
+from service import metrics
+from service.errors import GraftError, ModelNotFound, NotReady
+from service.repository import ModelRepository
+
+if TYPE_CHECKING:  # runtime imports TensorFlow; the entry process must not
+    from service.runtime import LoadedModel
+
+logger = logging.getLogger("graft.manager")
+
+Loader = Callable[[ModelRepository, str, int], "LoadedModel"]
+
+
+class VersionState(StrEnum):
+    AVAILABLE = "AVAILABLE"  # loaded and warm: active or previous
+    LOADING = "LOADING"
+    FAILED = "FAILED"
+    UNLOADED = "UNLOADED"  # on disk, not in memory (older than previous)
+
+
+class VersionStatus(BaseModel):
+    version: int
+    state: VersionState
+    reason: str | None = None
+
+
+class ModelStatus(BaseModel):
+    name: str
+    active_version: int | None
+    previous_version: int | None
+    pin: int | None
+    versions: list[VersionStatus]
+
+
+@dataclass
+class _Slot:
+    """Everything the manager knows about one model name."""
+
+    active: "LoadedModel | None" = None
+    previous: "LoadedModel | None" = None
+    loading: int | None = None
+    failed: dict[int, str] = field(default_factory=dict)
+    on_disk: list[int] = field(default_factory=list)
+    pin: int | None = None
+
+
+class VersionManager:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        poll_interval_s: float,
+        loader: Loader | None = None,
+    ) -> None:
+        if loader is None:
+            from service.runtime import LoadedModel
+
+            loader = LoadedModel.load
+        self._repository = repository
+        self._interval = poll_interval_s
+        self._loader = loader
+        self._slots: dict[str, _Slot] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="graft-version-manager", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def refresh(self) -> None:
+        """Poll now instead of at the next interval (after a push or a policy change)."""
+        self._wake.set()
+
+    def ready(self, name: str) -> bool:
+        with self._lock:
+            slot = self._slots.get(name)
+            return slot is not None and slot.active is not None
+
+    def get(self, name: str, version: int | None = None) -> "LoadedModel":
+        """The loaded model that serves `name` (`version`, or the active one)."""
+        with self._lock:
+            slot = self._slots.get(name)
+            if slot is None or (slot.active is None and not slot.on_disk):
+                raise ModelNotFound(f"model {name!r} does not exist in the repository")
+            if version is None:
+                if slot.active is None:
+                    raise _not_ready(name, slot)
+                return slot.active
+            for loaded in (slot.active, slot.previous):
+                if loaded is not None and loaded.version == version:
+                    return loaded
+            return _raise_not_loaded(name, version, slot)
+
+    def status(self) -> list[ModelStatus]:
+        with self._lock:
+            return [_status(name, slot) for name, slot in sorted(self._slots.items())]
+
+    def poll_once(self) -> None:
+        """Scan the repository once and load whatever each model should be serving."""
+        for name in self._repository.models():
+            try:
+                on_disk = self._repository.versions(name)
+                pin = self._repository.pin(name)
+            except GraftError as exc:
+                logger.warning("skipping model %s: %s", name, exc.message)
+                continue
+            with self._lock:
+                slot = self._slots.setdefault(name, _Slot())
+                slot.on_disk, slot.pin = on_disk, pin
+            wanted = _wanted(on_disk, pin)
+            if wanted is not None:
+                self._ensure(name, slot, wanted)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.poll_once()
+            except Exception:  # the poller must survive anything a broken repository does
+                logger.exception("polling the model repository failed")
+            self._wake.wait(self._interval)
+            self._wake.clear()
+
+    def _ensure(self, name: str, slot: _Slot, wanted: int) -> None:
+        with self._lock:
+            if slot.active is not None and slot.active.version == wanted:
+                return
+            if slot.previous is not None and slot.previous.version == wanted:
+                self._swap(name, slot, slot.previous)  # rollback: already warm
+                return
+            if wanted in slot.failed:
+                return
+            slot.loading = wanted
+        loaded = self._load(name, wanted, slot)
+        with self._lock:
+            slot.loading = None
+            if loaded is not None:
+                self._swap(name, slot, loaded)
+
+    def _load(self, name: str, version: int, slot: _Slot) -> "LoadedModel | None":
+        started = time.perf_counter()
+        try:
+            loaded = self._loader(self._repository, name, version)
+        except Exception as exc:  # any failure, expected or not, must leave the old version serving
+            reason = exc.message if isinstance(exc, GraftError) else f"{type(exc).__name__}: {exc}"
+            logger.error("model %s version %s FAILED: %s", name, version, reason)
+            with self._lock:
+                slot.failed[version] = reason
+            metrics.MODEL_LOADS.labels(name, "failed").inc()
+            return None
+        metrics.MODEL_LOAD_DURATION.labels(name).observe(time.perf_counter() - started)
+        metrics.MODEL_LOADS.labels(name, "loaded").inc()
+        logger.info("model %s version %s loaded and warm", name, version)
+        return loaded
+
+    @staticmethod
+    def _swap(name: str, slot: _Slot, new: "LoadedModel") -> None:
+        """Under the lock: `new` becomes active, the old active becomes previous."""
+        if slot.active is not new:
+            slot.previous = slot.active
+        slot.active = new
+        metrics.ACTIVE_VERSION.labels(name).set(new.version)
+        logger.info("model %s now serves version %s", name, new.version)
+
+
+def _wanted(on_disk: list[int], pin: int | None) -> int | None:
+    if pin is not None:
+        return pin if pin in on_disk else None
+    return on_disk[-1] if on_disk else None
+
+
+def _status(name: str, slot: _Slot) -> ModelStatus:
+    loaded = {m.version for m in (slot.active, slot.previous) if m is not None}
+    known = sorted(set(slot.on_disk) | loaded | set(slot.failed))
+    versions = []
+    for version in known:
+        if version in slot.failed:
+            state, reason = VersionState.FAILED, slot.failed[version]
+        elif version in loaded:
+            state, reason = VersionState.AVAILABLE, None
+        elif version == slot.loading:
+            state, reason = VersionState.LOADING, None
+        else:
+            state, reason = VersionState.UNLOADED, None
+        versions.append(VersionStatus(version=version, state=state, reason=reason))
+    return ModelStatus(
+        name=name,
+        active_version=slot.active.version if slot.active else None,
+        previous_version=slot.previous.version if slot.previous else None,
+        pin=slot.pin,
+        versions=versions,
+    )
+
+
+def _not_ready(name: str, slot: _Slot) -> GraftError:
+    if slot.loading is not None:
+        return NotReady(f"model {name!r} is still loading version {slot.loading}; retry shortly")
+    failed = "; ".join(f"v{v}: {r}" for v, r in sorted(slot.failed.items()))
+    return NotReady(f"model {name!r} has no servable version ({failed or 'none loaded yet'})")
+
+
+def _raise_not_loaded(name: str, version: int, slot: _Slot) -> "LoadedModel":
+    if version not in slot.on_disk:
+        raise ModelNotFound(
+            f"model {name!r} has no version {version} (versions: {slot.on_disk or 'none'})"
+        )
+    if version in slot.failed:
+        raise ModelNotFound(
+            f"model {name!r} version {version} failed to load: {slot.failed[version]}"
+        )
+    serving = [m.version for m in (slot.active, slot.previous) if m is not None]
+    raise ModelNotFound(
+        f"model {name!r} version {version} is not loaded (loaded: {serving}); "
+        f"pin it with PUT /models/{name}/policy to serve it"
+    )

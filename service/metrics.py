@@ -1,0 +1,70 @@
+"""graft's Prometheus metrics (prefix `graft_`), correct with several worker processes.
+
+BentoML starts every worker with PROMETHEUS_MULTIPROC_DIR set, and prometheus_client picks its
+value storage when it is first imported: in a worker these metrics therefore live in per-process
+files that BentoML's `/metrics` route merges (entry and inference processes alike). Outside a
+server (unit tests, the CLI) they are ordinary in-process metrics.
+"""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+REQUEST_DURATION = Histogram(
+    "graft_request_duration_seconds",
+    "Time to answer one request, from receipt to response.",
+    ["protocol", "route", "model", "version", "code"],
+    buckets=_LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram(
+    "graft_inference_batch_size",
+    "Images per inference batch (adaptive batching).",
+    ["model", "version"],
+    buckets=_BATCH_BUCKETS,
+)
+INFERENCE_DURATION = Histogram(
+    "graft_inference_duration_seconds",
+    "Compute time of one inference batch (decode + model).",
+    ["model", "version"],
+    buckets=_LATENCY_BUCKETS,
+)
+QUEUE_WAIT = Histogram(
+    "graft_queue_wait_seconds",
+    "Time an image waited between the gateway and the start of its batch.",
+    buckets=_LATENCY_BUCKETS,
+)
+PREDICTIONS = Counter(
+    "graft_predictions_total",
+    "Predictions by top-1 label.",
+    ["model", "version", "label"],
+)
+CONFIDENCE = Histogram(
+    "graft_prediction_confidence",
+    "Top-1 probability of each prediction; a shift to the left is a drift signal.",
+    ["model", "version"],
+    buckets=_CONFIDENCE_BUCKETS,
+)
+ACTIVE_VERSION = Gauge(
+    "graft_model_active_version",
+    "The version that answers requests naming no version.",
+    ["model"],
+    multiprocess_mode="livemostrecent",
+)
+MODEL_LOADS = Counter(
+    "graft_model_loads_total",
+    "Model version loads by outcome (loaded / failed).",
+    ["model", "outcome"],
+)
+MODEL_LOAD_DURATION = Histogram(
+    "graft_model_load_duration_seconds",
+    "Time to load, verify and warm up one model version.",
+    ["model"],
+    buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+REQUESTS_REJECTED = Counter(
+    "graft_requests_rejected_total",
+    "Requests refused before or during inference, by reason (the error code).",
+    ["reason"],
+)

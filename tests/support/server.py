@@ -1,0 +1,119 @@
+"""Run a real `graft serve` on free loopback ports for integration tests.
+
+    from support.server import running_server
+    with running_server(model_root, default_model="colours", grpc=True) as server:
+        httpx.post(f"{server.http}/classify", files=...)
+        grpc.insecure_channel(server.grpc_target)
+
+The server is a subprocess (BentoML entry + inference workers), started in its own process
+group so that nothing survives the test; its output goes to `server.log` for failure messages.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+START_TIMEOUT_S = 180.0  # two TensorFlow processes start on a contended 2-core machine
+STOP_TIMEOUT_S = 30.0
+# BentoML's adaptive batching sheds (503) requests it predicts will wait longer than
+# max_latency_ms. On a 2-core machine shared with other test runs, inference time swings
+# widely, so tests allow 10 s unless they set GRAFT_MAX_LATENCY_MS themselves.
+TEST_SETTINGS = {"GRAFT_MAX_LATENCY_MS": "10000"}
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    http: str  # e.g. http://127.0.0.1:41234
+    grpc_target: str | None  # e.g. 127.0.0.1:41235, None when gRPC is off
+    log: Path
+    process: subprocess.Popen
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def running_server(
+    model_root: Path,
+    *,
+    default_model: str = "imagenet",
+    grpc: bool = False,
+    workers: int = 1,
+    env: dict[str, str] | None = None,
+    start_timeout_s: float = START_TIMEOUT_S,
+) -> Iterator[RunningServer]:
+    """Start `graft serve`, wait until /readyz is 200, yield its addresses, then stop it.
+
+    `env` adds GRAFT_* settings (e.g. {"GRAFT_ADMIN_TOKEN": "s3cret"}); everything else
+    comes from the flags. Raises RuntimeError with the server's log if it never gets ready.
+    """
+    port, grpc_port = free_port(), free_port() if grpc else 0
+    command = [
+        str(Path(sys.executable).parent / "graft"),
+        "serve",
+        "--model-root", str(model_root),
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--grpc-port", str(grpc_port),
+        "--default-model", default_model,
+        "--workers", str(workers),
+    ]  # fmt: skip
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("GRAFT_")}
+    child_env.update({**TEST_SETTINGS, **(env or {})})
+    log = Path(tempfile.mkstemp(prefix="graft-serve-", suffix=".log")[1])
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            command, stdout=sink, stderr=subprocess.STDOUT, env=child_env, start_new_session=True
+        )
+    server = RunningServer(
+        http=f"http://127.0.0.1:{port}",
+        grpc_target=f"127.0.0.1:{grpc_port}" if grpc else None,
+        log=log,
+        process=process,
+    )
+    try:
+        _wait_ready(server, start_timeout_s)
+        yield server
+    finally:
+        _stop(process)
+
+
+def _wait_ready(server: RunningServer, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"graft serve exited early:\n{server.log_tail()}")
+        try:
+            if httpx.get(f"{server.http}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"graft serve not ready after {timeout_s:.0f} s:\n{server.log_tail()}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM the whole process group (graceful), SIGKILL whatever is left after a while."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        with suppress(subprocess.TimeoutExpired):
+            process.wait(STOP_TIMEOUT_S)
+    with suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()

@@ -1,0 +1,193 @@
+"""HTTP API of a real `graft serve` (2 entry workers) on loopback, with a really trained model."""
+
+import base64
+import concurrent.futures
+import re
+
+import httpx
+import numpy as np
+import pytest
+from support.server import running_server
+from support.trained import COLOURS, tinted_photo
+
+pytestmark = pytest.mark.slow
+MODEL = "colours"
+
+
+@pytest.fixture(scope="module")
+def server(colour_model_root):
+    with running_server(colour_model_root, default_model=MODEL, workers=2) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.http, timeout=60) as client:
+        yield client
+
+
+def _files(*images: bytes) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("images", (f"photo{i}.jpg", data, "image/jpeg")) for i, data in enumerate(images)]
+
+
+def test_real_photos_get_their_colour_in_request_order(http: httpx.Client) -> None:
+    photos = [tinted_photo(colour) for colour in COLOURS]
+    response = http.post("/classify", files=_files(*photos), data={"top_k": "2"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == MODEL and body["version"] == 1
+    assert [r["label"] for r in body["results"]] == list(COLOURS)
+    for result in body["results"]:
+        assert len(result["top_k"]) == 2
+        assert result["top_k"][0] == {"label": result["label"], "score": result["score"]}
+        assert result["top_k"][0]["score"] >= result["top_k"][1]["score"]
+
+
+def test_json_base64_gives_the_same_answer_as_multipart(http: httpx.Client) -> None:
+    photo = tinted_photo("green", "PNG")
+    multipart = http.post("/classify", files=_files(photo)).json()
+    payload = {"images": [{"b64": base64.b64encode(photo).decode()}], "model": MODEL, "top_k": 5}
+    as_json = http.post("/classify", json=payload).json()
+    assert as_json == multipart
+    assert len(as_json["results"][0]["top_k"]) == len(COLOURS)  # top_k capped at C
+
+
+def test_tf_serving_rest_predict_matches_classify(http: httpx.Client) -> None:
+    photo = tinted_photo("blue")
+    classify = http.post("/classify", files=_files(photo)).json()["results"][0]
+    b64 = {"b64": base64.b64encode(photo).decode()}
+
+    rows = http.post(f"/v1/models/{MODEL}:predict", json={"instances": [b64]})
+    assert rows.status_code == 200, rows.text
+    prediction = rows.json()["predictions"][0]
+    assert prediction["label"] == classify["label"] == "blue"
+    by_label = dict(zip(COLOURS, prediction["probabilities"], strict=True))
+    for top in classify["top_k"]:
+        assert by_label[top["label"]] == pytest.approx(top["score"], abs=1e-6)
+    assert sum(prediction["probabilities"]) == pytest.approx(1.0, abs=1e-4)
+
+    columns = http.post(f"/v1/models/{MODEL}/versions/1:predict", json={"inputs": [b64]})
+    assert columns.status_code == 200, columns.text
+    outputs = columns.json()["outputs"]
+    np.testing.assert_allclose(outputs["probabilities"][0], prediction["probabilities"], atol=1e-6)
+    assert outputs["label"] == ["blue"]
+
+
+def test_tf_serving_status_and_metadata(http: httpx.Client) -> None:
+    status = http.get(f"/v1/models/{MODEL}").json()
+    assert status["model_version_status"] == [
+        {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
+    ]
+    metadata = http.get(f"/v1/models/{MODEL}/versions/1/metadata").json()
+    assert metadata["model_spec"] == {"name": MODEL, "signature_name": "", "version": "1"}
+    signatures = metadata["metadata"]["signature_def"]["signature_def"]
+    serving = signatures["serving_default"]
+    assert serving["inputs"]["images"]["dtype"] == "DT_STRING"
+    dims = serving["outputs"]["probabilities"]["tensor_shape"]["dim"]
+    assert [d["size"] for d in dims] == ["-1", str(len(COLOURS))]
+    assert "serve_pixels" in signatures
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status", "code"),
+    [
+        ("POST", "/classify", {"json": {"images": [], "model": MODEL}}, 400, "bad_request"),
+        ("POST", "/classify", {"json": {"images": [{"b64": "@@"}]}}, 400, "bad_request"),
+        ("POST", "/classify", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "bad_request"),  # noqa: E501
+        ("POST", "/classify", {"files": [("images", ("a.jpg", b"<html>hi</html>", "image/jpeg"))]}, 415, "unsupported_media_type"),  # noqa: E501
+        ("POST", "/classify", {"content": b"x", "headers": {"content-type": "text/plain"}}, 415, "unsupported_media_type"),  # noqa: E501
+        ("POST", "/classify", {"json": {"images": [{"b64": "aGk="}], "model": "nope"}}, 404, "not_found"),  # noqa: E501
+        ("POST", "/classify", {"json": {"images": [{"b64": "aGk="}], "model": "../etc"}}, 400, "bad_request"),  # noqa: E501
+        ("POST", "/classify", {"json": {"images": [{"b64": "aGk="}], "top_k": 0}}, 400, "bad_request"),  # noqa: E501
+        ("POST", f"/v1/models/{MODEL}/versions/9:predict", {"json": {"instances": [{"b64": "aGk="}]}}, 404, "not_found"),  # noqa: E501
+        ("POST", f"/v1/models/{MODEL}:predict", {"json": {"rows": []}}, 400, "bad_request"),
+        ("GET", "/v1/models/nope", {}, 404, "not_found"),
+    ],
+)
+def test_errors_are_data_with_the_right_status(
+    http: httpx.Client, method: str, path: str, kwargs: dict, status: int, code: str
+) -> None:
+    if code == "not_found" and "b64" in str(kwargs):  # a real image, so only the model is wrong
+        kwargs = {"json": {**kwargs["json"], "images": [_b64(tinted_photo("red"))]}}
+        if "instances" in kwargs["json"]:
+            kwargs = {"json": {"instances": kwargs["json"]["images"]}}
+    response = http.request(method, path, **kwargs)
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error"] == code and body["message"]
+
+
+def _b64(data: bytes) -> dict[str, str]:
+    return {"b64": base64.b64encode(data).decode()}
+
+
+@pytest.mark.parametrize(
+    "path", ["/classify", f"/v1/models/{MODEL}:predict", "/models/colours/policy", "/readyz", "/"]
+)
+def test_bentoml_pickle_bodies_are_refused_on_every_route(http: httpx.Client, path: str) -> None:
+    # A pickle whose unpickling would run `os.system`; it must never reach a parser.
+    payload = b"cos\nsystem\n(S'touch /tmp/graft-pwned'\ntR."
+    headers = {"content-type": "application/vnd.bentoml+pickle"}
+    for method in ("POST", "PUT"):
+        response = http.request(method, path, content=payload, headers=headers)
+        assert response.status_code == 415, (method, path, response.text)
+        assert response.json()["error"] == "unsupported_media_type"
+
+
+def test_management_is_off_without_a_token(http: httpx.Client) -> None:
+    for method, path in (("GET", "/models"), ("PUT", f"/models/{MODEL}/policy")):
+        response = http.request(method, path, json={"pin": 1}, headers={"authorization": "Bearer x"})
+        assert response.status_code == 403, response.text
+        assert response.json()["error"] == "management_disabled"
+
+
+def test_health_and_openapi(http: httpx.Client) -> None:
+    assert http.get("/livez").status_code == 200
+    assert http.get("/readyz").status_code == 200
+    spec = http.get("/openapi.json").json()
+    assert {"/classify", "/v1/models/{name}:predict", "/models/{name}/policy"} <= set(spec["paths"])
+    assert "ClassifyResponse" in spec["components"]["schemas"]
+
+
+def test_concurrent_clients_form_batches_and_metrics_count_them(http: httpx.Client) -> None:
+    """16 concurrent clients: every answer right, and some inference batches hold > 1 image."""
+    photos = {colour: tinted_photo(colour) for colour in COLOURS}
+
+    def one(i: int) -> str:
+        colour = COLOURS[i % 3]
+        response = http.post("/classify", files=_files(photos[colour]))
+        assert response.status_code == 200, response.text
+        return response.json()["results"][0]["label"] == colour
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        assert all(pool.map(one, range(160)))
+
+    metrics = http.get("/metrics").text  # served by either worker: multiprocess aggregation
+    batches = _histogram(metrics, "graft_inference_batch_size", MODEL)
+    assert batches["count"] > 0
+    assert batches["count"] < batches["sum"], "no inference batch held more than one image"
+    requests = _histogram(metrics, "graft_request_duration_seconds", MODEL, route="/classify")
+    assert requests["count"] >= 160
+    for name in ("graft_inference_duration_seconds", "graft_queue_wait_seconds"):
+        assert _histogram(metrics, name)["count"] > 0, name
+    assert _histogram(metrics, "graft_prediction_confidence", MODEL)["count"] >= 160
+    assert re.search(r'graft_predictions_total{[^}]*label="red"[^}]*} [1-9]', metrics)
+    assert re.search(rf'graft_model_active_version{{model="{MODEL}"}} 1\.0', metrics)
+    assert re.search(rf'graft_model_loads_total{{model="{MODEL}",outcome="loaded"}} 1\.0', metrics)
+    assert re.search(r'graft_requests_rejected_total{reason="[a-z_]+"} [1-9]', metrics)
+
+
+def _histogram(text: str, name: str, model: str | None = None, route: str | None = None) -> dict:
+    """Sum `_count` and `_sum` of a histogram over the series that match model/route."""
+    totals = {"count": 0.0, "sum": 0.0}
+    for line in text.splitlines():
+        match = re.match(rf"{name}_(count|sum)(?:{{(.*)}})? (\S+)$", line)
+        if not match:
+            continue
+        labels = match.group(2) or ""
+        if model and f'model="{model}"' not in labels:
+            continue
+        if route and f'route="{route}"' not in labels:
+            continue
+        totals[match.group(1)] += float(match.group(3))
+    return totals
