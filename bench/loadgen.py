@@ -117,8 +117,9 @@ async def open_loop(
         task = asyncio.create_task(_timed(target, payloads[i % len(payloads)], scheduled))
         in_flight[task] = scheduled
         task.add_done_callback(lambda t: _record(t, in_flight, samples))
-    await _drain(in_flight, samples, grace_s=max(10.0, duration_s))
+    # The window closes with the last arrival; answers still coming are awaited outside it.
     cpu = meter.stop() if meter else {"loadgen_cpu_s": 0.0, "machine_busy_cpu_s": 0.0}
+    await _drain(in_flight, samples, grace_s=max(10.0, duration_s))
     return samples, window, {**cpu, "worst_dispatch_lag_ms": 1000.0 * worst_lag}
 
 

@@ -77,8 +77,10 @@ def load(
 ) -> dict[str, Any]:
     """One load run in a separate load-generator process, annotated with the server's CPU
     and with the CPU that other processes on the machine took meanwhile."""
+    target = {"client": http_client(), **target}
     spec = {"target": target, "images": ctx.images(), "runs": [run], "keep_samples": keep_samples}
     result = _subprocess_json(ctx, "bench.loadgen", spec, tag)[0]
+    result["client"] = target["client"] if target["kind"] != "graft-grpc" else "grpc.aio"
     start, end = result["window"]
     span = end - start
     server_cpu = server.sampler.cpu_seconds(start, end) if server else 0.0
@@ -91,6 +93,10 @@ def load(
     )
     _print_run(tag, result)
     return result
+
+
+def http_client() -> str:
+    return os.environ.get("GRAFT_BENCH_HTTP_CLIENT", "raw")
 
 
 def _print_run(tag: str, r: dict[str, Any]) -> None:
@@ -157,10 +163,14 @@ def server_summary(server: Server, runs: list[dict[str, Any]]) -> dict[str, Any]
 
 def calibration(ctx: Context, server: Server) -> dict[str, Any]:
     """The load generator against a do-nothing server: the most it can send, and its CPU per
-    request, to set beside the servers' rates (it must be far faster than any of them)."""
-    target = {"kind": "tutorial", "url": server.url, "model": ctx.model.name}
+    request, to set beside the servers' rates (it must be far faster than any of them). Both
+    HTTP clients are measured, so the choice of the raw one stays checkable."""
     levels = (16,) if ctx.quick else (16, 64)
-    runs = server_runs(ctx, target, server, "loadgen", open_loop=False, levels=levels)
+    runs = []
+    for client in ("raw", "httpx"):
+        target = {"kind": "tutorial", "url": server.url, "model": "-", "client": client}
+        for level in levels if client == "raw" else (16,):
+            runs.append(load(ctx, target, closed_run(ctx, level), server, f"loadgen-{client}"))
     return {"runs": runs, "server": server_summary(server, runs)}
 
 

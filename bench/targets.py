@@ -4,12 +4,15 @@ Every target raises RequestFailed(kind) for a failed request, where kind is shor
 ("http_503", "UNAVAILABLE", "ReadTimeout") so error counts group well in the report.
 """
 
+import asyncio
 import base64
 import json
 import uuid
 from typing import Any, Protocol
 
 import httpx
+
+from bench.transport import make_transport
 
 REQUEST_TIMEOUT_S = 60.0
 
@@ -34,24 +37,23 @@ class Target(Protocol):
 
 
 class _HttpTarget:
-    def __init__(self, base_url: str, concurrency: int) -> None:
-        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        self._client = httpx.AsyncClient(
-            base_url=base_url, limits=limits, timeout=REQUEST_TIMEOUT_S
-        )
+    def __init__(self, base_url: str, concurrency: int, client: str) -> None:
+        self._transport = make_transport(client, base_url, concurrency)
 
-    async def _post(self, path: str, body: bytes, content_type: str) -> httpx.Response:
-        headers = {"content-type": content_type}
+    def _request(self, path: str, body: bytes, content_type: str) -> object:
+        return self._transport.request_bytes(path, body, content_type)
+
+    async def _post(self, prepared: object) -> bytes:
         try:
-            response = await self._client.post(path, content=body, headers=headers)
-        except httpx.HTTPError as exc:
+            status, body = await self._transport.post(prepared)
+        except (OSError, asyncio.IncompleteReadError, httpx.HTTPError) as exc:
             raise RequestFailed(type(exc).__name__) from exc
-        if response.status_code != 200:
-            raise RequestFailed(f"http_{response.status_code}")
-        return response
+        if status != 200:
+            raise RequestFailed(f"http_{status}")
+        return body
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await self._transport.close()
 
 
 def multipart(fields: dict[str, str], file_field: str, image: bytes) -> tuple[bytes, str]:
@@ -73,48 +75,47 @@ def multipart(fields: dict[str, str], file_field: str, image: bytes) -> tuple[by
 class GraftHttp(_HttpTarget):
     """graft's own route: POST /classify, multipart field `images`."""
 
-    def __init__(self, base_url: str, concurrency: int, model: str, top_k: int = 5) -> None:
-        super().__init__(base_url, concurrency)
+    def __init__(
+        self, base_url: str, concurrency: int, client: str, model: str, top_k: int = 5
+    ) -> None:
+        super().__init__(base_url, concurrency, client)
         self._fields = {"model": model, "top_k": str(top_k)}
 
-    def prepare(self, image: bytes) -> tuple[bytes, str]:
-        return multipart(self._fields, "images", image)
+    def prepare(self, image: bytes) -> object:
+        return self._request("/classify", *multipart(self._fields, "images", image))
 
-    async def send(self, payload: tuple[bytes, str]) -> int | None:
-        response = await self._post("/classify", *payload)
-        return int(response.json()["version"])
+    async def send(self, payload: object) -> int | None:
+        return int(json.loads(await self._post(payload))["version"])
 
 
 class TutorialHttp(_HttpTarget):
     """bench/peers/tutorial_app.py: POST /predict?top_k=K, multipart field `file`."""
 
-    def __init__(self, base_url: str, concurrency: int, top_k: int = 5) -> None:
-        super().__init__(base_url, concurrency)
+    def __init__(self, base_url: str, concurrency: int, client: str, top_k: int = 5) -> None:
+        super().__init__(base_url, concurrency, client)
         self._path = f"/predict?top_k={top_k}"
 
-    def prepare(self, image: bytes) -> tuple[bytes, str]:
-        return multipart({}, "file", image)
+    def prepare(self, image: bytes) -> object:
+        return self._request(self._path, *multipart({}, "file", image))
 
-    async def send(self, payload: tuple[bytes, str]) -> int | None:
-        response = await self._post(self._path, *payload)
-        response.json()  # parse like a real client would
+    async def send(self, payload: object) -> int | None:
+        json.loads(await self._post(payload))  # parse the answer, as a real client would
         return None
 
 
 class KServeV1(_HttpTarget):
     """KServe V1 (TF-Serving-style) protocol: JSON instances with base64 bytes."""
 
-    def __init__(self, base_url: str, concurrency: int, model: str) -> None:
-        super().__init__(base_url, concurrency)
+    def __init__(self, base_url: str, concurrency: int, client: str, model: str) -> None:
+        super().__init__(base_url, concurrency, client)
         self._path = f"/v1/models/{model}:predict"
 
-    def prepare(self, image: bytes) -> tuple[bytes, str]:
+    def prepare(self, image: bytes) -> object:
         body = {"instances": [{"b64": base64.b64encode(image).decode("ascii")}]}
-        return json.dumps(body).encode(), "application/json"
+        return self._request(self._path, json.dumps(body).encode(), "application/json")
 
-    async def send(self, payload: tuple[bytes, str]) -> int | None:
-        response = await self._post(self._path, *payload)
-        response.json()
+    async def send(self, payload: object) -> int | None:
+        json.loads(await self._post(payload))
         return None
 
 
@@ -156,14 +157,14 @@ class GraftGrpc:
 
 def make_target(spec: dict[str, Any], concurrency: int) -> Target:
     """spec: {"kind": "graft-http" | "graft-grpc" | "tutorial" | "kserve", "url" | "address",
-    "model"}."""
-    kind = spec["kind"]
+    "model", "client": "raw" | "httpx" (HTTP only, default raw)}."""
+    kind, client = spec["kind"], spec.get("client", "raw")
     if kind == "graft-http":
-        return GraftHttp(spec["url"], concurrency, spec["model"])
+        return GraftHttp(spec["url"], concurrency, client, spec["model"])
     if kind == "graft-grpc":
         return GraftGrpc(spec["address"], spec["model"])
     if kind == "tutorial":
-        return TutorialHttp(spec["url"], concurrency)
+        return TutorialHttp(spec["url"], concurrency, client)
     if kind == "kserve":
-        return KServeV1(spec["url"], concurrency, spec["model"])
+        return KServeV1(spec["url"], concurrency, client, spec["model"])
     raise ValueError(f"unknown target kind {kind!r}")
