@@ -26,6 +26,8 @@ Make one with `pack_export(export_dir)` or `tar -C EXPORT_DIR -czf model.tar.gz 
 import io
 import os
 import re
+import subprocess
+import sys
 import tarfile
 import tempfile
 import zlib
@@ -166,6 +168,24 @@ def validate_export(folder: Path, name: str) -> None:
         LoadedModel.load(trial, name, version)
 
 
+def check_in_subprocess(folder: Path, name: str, *, timeout_s: float = 300.0) -> None:
+    """`validate_export` in a throwaway Python process.
+
+    The serving entry process never imports TensorFlow for a push, and a hostile or broken
+    model can crash or hang only that child: either way the push is refused, never the server.
+    """
+    command = [sys.executable, "-m", "service.push", str(folder), name]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise RejectedModel(f"the model check did not finish within {timeout_s:g} s") from None
+    if done.returncode == _EXIT_REJECTED:
+        raise RejectedModel(done.stdout.strip() or "the model check refused the model")
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        raise RejectedModel(f"loading the model crashed the check process: {last}")
+
+
 def refuse_denied_ops(saved_model_pb: Path) -> None:
     """Refuse a SavedModel whose graph or function library uses any op in DENIED_OPS."""
     from tensorflow.core.protobuf import saved_model_pb2
@@ -288,6 +308,7 @@ def _write_file(
             out.write(chunk)
 
 
+_EXIT_REJECTED = 3
 _LAYOUT_HINT = (
     "a push holds only saved_model.pb, fingerprint.pb, graft.json, assets/labels.txt and "
     "variables/variables.{index,data-*} (no .h5, .keras, .pkl or other files)"
@@ -322,3 +343,18 @@ def _too_large(limit: int) -> RejectedModel:
         f"the upload is over {limit // MiB} MiB (GRAFT_MAX_PUSH_BYTES); raise the limit if "
         "your exports really are that large"
     )
+
+
+def _main(argv: list[str]) -> int:
+    """`python -m service.push EXPORT_DIR NAME`: the child side of `check_in_subprocess`."""
+    folder, name = argv
+    try:
+        validate_export(Path(folder), name)
+    except RejectedModel as error:
+        print(error.message)
+        return _EXIT_REJECTED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

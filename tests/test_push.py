@@ -18,6 +18,7 @@ from service.manifest import MANIFEST_FILE, Manifest, hash_tree
 from service.push import (
     PushLimits,
     check_export,
+    check_in_subprocess,
     extract_archive,
     pack_export,
     receive_push,
@@ -357,6 +358,13 @@ def test_model_faults_are_refused_by_the_full_check(
     assert_rejected(pack_export(folder), repository, work, reason, check_model=validate_export)
 
 
+def test_the_subprocess_check_reports_the_childs_reason(tmp_path: Path) -> None:
+    labels, outputs, _ = MODEL_FAULTS["nan"]
+    folder = raw_saved_model(tmp_path / "raw", labels, outputs)
+    with pytest.raises(RejectedModel, match=r"warm-up gave NaN"):
+        check_in_subprocess(folder, "flowers", timeout_s=240)
+
+
 def test_a_graph_that_writes_files_is_refused(repository: ModelRepository, tmp_path: Path) -> None:
     import tensorflow as tf
 
@@ -418,7 +426,7 @@ KINDS = st.sampled_from(
     [tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.FIFOTYPE]
 )
 FUZZ = settings(
-    max_examples=400,
+    max_examples=250,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
     database=None,

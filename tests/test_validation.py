@@ -181,7 +181,7 @@ def assert_only_client_errors(data: bytes) -> None:
 
 
 FUZZ = settings(
-    max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
+    max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
 )
 # Forged headers legitimately trip Pillow's bomb warning and its corrupt-EXIF warning.
 pytestmark = [
