@@ -130,6 +130,7 @@ def _save_atomically(model: keras.Model, target: Path) -> None:
     os.close(fd)
     try:
         model.save_weights(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the cache holds public weights
         os.replace(tmp, target)
     finally:
         Path(tmp).unlink(missing_ok=True)
