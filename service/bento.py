@@ -18,6 +18,7 @@ import importlib.util
 import logging
 import math
 import sys
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -25,11 +26,12 @@ import bentoml
 from pydantic import BaseModel
 
 from service.asgi_guard import RequestGuard
-from service.errors import GraftError
+from service.errors import GraftError, RejectedModel
 from service.gateway import Gateway, error_from_code
 from service.http_api import build_app
 from service.inference import InferItem, InferResult, ModelMetadata, metadata_of, run_batch
 from service.manager import ModelStatus, VersionManager
+from service.push import validate_export
 from service.repository import ModelRepository
 from service.settings import GraftSettings
 
@@ -39,12 +41,23 @@ SETTINGS = GraftSettings()
 _TIMEOUT_S = SETTINGS.request_timeout_s + 10
 
 
-class MetadataReply(BaseModel):
-    """`ModelMetadata`, or the GraftError that prevented it, across the process boundary."""
+class Reply(BaseModel):
+    """A GraftError, if any, across the process boundary (BentoML would turn it into a 500)."""
 
-    metadata: ModelMetadata | None = None
     error_code: str | None = None
     error: str | None = None
+
+    @classmethod
+    def of(cls, exc: GraftError) -> "Reply":
+        return cls(error_code=exc.code, error=exc.message)
+
+    def raise_error(self) -> None:
+        if self.error_code is not None:
+            raise error_from_code(self.error_code, self.error or "failed")
+
+
+class MetadataReply(Reply):
+    metadata: ModelMetadata | None = None
 
 
 @bentoml.service(name="graft-inference", workers=1, traffic={"timeout": _TIMEOUT_S})
@@ -81,6 +94,17 @@ class Inference:
             return MetadataReply(error_code=exc.code, error=exc.message)
 
     @bentoml.api
+    def check_export(self, folder: str, name: str) -> Reply:
+        """Push gate 4 (denied ops, load, signatures, warm-up) where TensorFlow lives."""
+        try:
+            validate_export(Path(folder), name)
+        except GraftError as exc:
+            return Reply.of(exc)
+        except Exception as exc:  # TensorFlow's loader raises many types on a hostile model
+            return Reply.of(RejectedModel(f"the model cannot be loaded: {exc}"))
+        return Reply()
+
+    @bentoml.api
     def refresh(self) -> bool:
         self.manager.refresh()
         return True
@@ -112,9 +136,12 @@ class _InferenceClient:
 
     async def metadata(self, model: str, version: int) -> ModelMetadata:
         reply = MetadataReply.model_validate(await self._retrying("metadata", model, version))
-        if reply.metadata is None:
-            raise error_from_code(reply.error_code or "internal", reply.error or "no metadata")
+        reply.raise_error()
+        assert reply.metadata is not None  # a reply without an error carries the metadata
         return reply.metadata
+
+    async def check_export(self, folder: str, name: str) -> None:
+        Reply.model_validate(await self._retrying("check_export", folder, name)).raise_error()
 
     async def refresh(self) -> None:
         await self._retrying("refresh")
@@ -132,7 +159,7 @@ def _current_gateway() -> Gateway:
     return bentoml.get_current_service().gateway
 
 
-@bentoml.asgi_app(build_app(_current_gateway, SETTINGS), path="/")
+@bentoml.asgi_app(build_app(_current_gateway), path="/")
 @bentoml.service(name="graft", workers=SETTINGS.workers, traffic={"timeout": _TIMEOUT_S})
 class Graft:
     inference = bentoml.depends(Inference)
@@ -153,7 +180,9 @@ class Graft:
     @bentoml.on_shutdown
     async def stop(self) -> None:
         if self._grpc is not None:
-            await self._grpc.stop(grace=5)
+            from service.grpc_server import stop_grpc_server
+
+            await stop_grpc_server(self._grpc)
         if self._watcher is not None:
             self._watcher.cancel()
 

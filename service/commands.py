@@ -54,12 +54,14 @@ def serve(
 def _ensure_a_model(settings: GraftSettings) -> None:
     from service.repository import ModelRepository
 
-    if ModelRepository(settings.model_root).models():
+    repository = ModelRepository(settings.model_root)
+    if repository.models():
         return
     typer.echo(f"{settings.model_root} holds no model: installing the ImageNet default first")
-    from training.commands_models import init_default
+    from training.commands_models import create_default_model
 
-    init_default(model_root=settings.model_root)
+    version = create_default_model(repository)
+    typer.echo(f"installed model 'imagenet' version {version}")
 
 
 def _export(settings: GraftSettings) -> None:

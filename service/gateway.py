@@ -14,7 +14,8 @@ import time
 from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from pathlib import Path
+from typing import BinaryIO, Protocol, TypeVar
 
 import numpy as np
 
@@ -31,7 +32,8 @@ from service.errors import (
 )
 from service.inference import InferItem, InferResult, ModelMetadata
 from service.manager import ModelStatus
-from service.repository import validate_name
+from service.push import PushLimits, receive_push
+from service.repository import ModelRepository, validate_name
 from service.schemas import ClassifyResponse, ImageResult, TopClass
 from service.settings import GraftSettings
 from service.validation import check_image
@@ -47,6 +49,7 @@ class InferenceBackend(Protocol):
     async def status(self) -> list[ModelStatus]: ...
     async def metadata(self, model: str, version: int) -> ModelMetadata: ...
     async def refresh(self) -> None: ...
+    async def check_export(self, folder: str, name: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class Gateway:
     def __init__(self, backend: InferenceBackend, settings: GraftSettings) -> None:
         self._backend = backend
         self._settings = settings
+        self._repository = ModelRepository(settings.model_root)
         self._status: dict[str, ModelStatus] = {}
         self._metadata: dict[tuple[str, int], ModelMetadata] = {}
         self._queued_images = 0
@@ -228,9 +232,39 @@ class Gateway:
         if not hmac.compare_digest(presented.strip().encode(), token.get_secret_value().encode()):
             raise Unauthorized("the bearer token is wrong")
 
-    async def policy_changed(self) -> None:
-        """Ask the version manager to poll now (after a pin change or a push)."""
+    async def set_pin(self, model: str, version: int | None) -> None:
+        """Pin `model` to `version` (rollback = pin an older one), or follow the newest (None)."""
+        name = validate_name(model)
+        if version is not None:
+            self._repository.resolve(name, version)  # ModelNotFound for a missing version
+        elif not self._repository.versions(name):
+            raise ModelNotFound(f"model {name!r} does not exist in the repository")
+        self._repository.set_pin(name, version)
         await self._call(self._backend.refresh(), None)
+
+    async def push(self, model: str, upload: BinaryIO) -> int:
+        """Check a tar.gz export through every push gate, publish it, return its version.
+
+        The archive and manifest gates run here; the TensorFlow gate (load, signatures,
+        warm-up) runs in the inference process, which already has TensorFlow.
+        """
+        name = validate_name(model)
+        loop = asyncio.get_running_loop()
+
+        def check_model(folder: Path, model_name: str) -> None:  # called in a worker thread
+            check = self._call(self._backend.check_export(str(folder), model_name), None)
+            asyncio.run_coroutine_threadsafe(check, loop).result()
+
+        version = await asyncio.to_thread(
+            receive_push,
+            upload,
+            name=name,
+            repository=self._repository,
+            limits=PushLimits.from_settings(self._settings),
+            check_model=check_model,
+        )
+        await self._call(self._backend.refresh(), None)
+        return version
 
     # -- metrics -------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ import base64
 import binascii
 import json
 import logging
+import tempfile
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -24,15 +25,15 @@ from service.errors import BadRequest, GraftError, ModelNotFound, Overloaded, Un
 from service.gateway import Gateway
 from service.manager import ModelStatus, VersionState
 from service.openapi import openapi_document
-from service.repository import ModelRepository, validate_name
+from service.repository import validate_name
 from service.schemas import ErrorBody
-from service.settings import GraftSettings
 
 logger = logging.getLogger("graft.http")
 
 GatewayGetter = Callable[[], Gateway]
 Handler = Callable[[Request], Awaitable[Response]]
 
+_SPOOL_BYTES = 8 * 1024 * 1024  # larger uploads go to a temporary file, not memory
 CLASSIFY_ROUTE = "/classify"
 PREDICT_ROUTE = "/v1/models/{name}:predict"
 
@@ -60,10 +61,9 @@ def error_response(exc: GraftError) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=exc.http_status, headers=headers)
 
 
-def build_app(get_gateway: GatewayGetter, settings: GraftSettings) -> Starlette:
+def build_app(get_gateway: GatewayGetter) -> Starlette:
     """The Starlette app; `get_gateway` returns the running service's Gateway."""
-    repository = ModelRepository(settings.model_root)
-    api = _Api(get_gateway, settings, repository)
+    api = _Api(get_gateway)
     versioned = "/v1/models/{name}/versions/{version:int}"
     routes = [
         Route(CLASSIFY_ROUTE, api.classify, methods=["POST"]),
@@ -75,18 +75,15 @@ def build_app(get_gateway: GatewayGetter, settings: GraftSettings) -> Starlette:
         Route(f"{versioned}/metadata", api.tf_metadata, methods=["GET"]),
         Route("/models", api.list_models, methods=["GET"]),
         Route("/models/{name}/policy", api.set_policy, methods=["PUT"]),
+        Route("/models/{name}/versions", api.push, methods=["POST"]),
         Route("/openapi.json", api.openapi, methods=["GET"]),
     ]
     return Starlette(routes=routes)
 
 
 class _Api:
-    def __init__(
-        self, get_gateway: GatewayGetter, settings: GraftSettings, repository: ModelRepository
-    ) -> None:
+    def __init__(self, get_gateway: GatewayGetter) -> None:
         self._gateway = get_gateway
-        self._settings = settings
-        self._repository = repository
 
     # -- inference ---------------------------------------------------------------------------
 
@@ -172,18 +169,26 @@ class _Api:
         return await self._observed(request, "/models/{name}/policy", self._set_policy, admin=True)
 
     async def _set_policy(self, request: Request) -> Response:
-        name = validate_name(request.path_params["name"])
+        name = request.path_params["name"]
         try:
             body = PinBody.model_validate(await _json(request))
         except ValidationError as exc:
             raise BadRequest(f'send {{"pin": N}} or {{"pin": null}}: {_first_error(exc)}') from None
-        if body.pin is not None:
-            self._repository.resolve(name, body.pin)  # 404 for a version that does not exist
-        elif not self._repository.versions(name):
-            raise ModelNotFound(f"model {name!r} does not exist in the repository")
-        self._repository.set_pin(name, body.pin)
-        await self._gateway().policy_changed()
+        await self._gateway().set_pin(name, body.pin)
         return JSONResponse({"name": name, "pin": body.pin})
+
+    async def push(self, request: Request) -> Response:
+        return await self._observed(request, "/models/{name}/versions", self._push, admin=True)
+
+    async def _push(self, request: Request) -> Response:
+        with tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES) as upload:
+            async for chunk in request.stream():  # RequestGuard caps it at max_push_bytes
+                upload.write(chunk)
+            if upload.tell() == 0:
+                raise BadRequest("the body is empty; send a tar.gz of an export folder")
+            upload.seek(0)
+            version = await self._gateway().push(request.path_params["name"], upload)
+        return JSONResponse({"name": request.path_params["name"], "version": version}, 201)
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(openapi_document())

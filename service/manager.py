@@ -6,7 +6,8 @@ is loaded, verified and warmed up by `LoadedModel.load` while the active version
 then swapped in under a lock: a batch that already took its `LoadedModel` finishes on it. The
 replaced version stays loaded as `previous`, so a request resolved just before a swap, or a
 rollback to it, needs no load; anything older is dropped. A version that fails to load is
-marked FAILED with the reason and never retried (published versions are immutable).
+marked FAILED with the reason and never retried (published versions are immutable); without a
+pin, the newest version that has not failed is served.
 """
 
 import logging
@@ -134,7 +135,7 @@ class VersionManager:
             with self._lock:
                 slot = self._slots.setdefault(name, _Slot())
                 slot.on_disk, slot.pin = on_disk, pin
-            wanted = _wanted(on_disk, pin)
+                wanted = _wanted(on_disk, pin, slot.failed)
             if wanted is not None:
                 self._ensure(name, slot, wanted)
 
@@ -189,10 +190,12 @@ class VersionManager:
         logger.info("model %s now serves version %s", name, new.version)
 
 
-def _wanted(on_disk: list[int], pin: int | None) -> int | None:
+def _wanted(on_disk: list[int], pin: int | None, failed: dict[int, str]) -> int | None:
+    """The pinned version, else the newest one that has not failed to load."""
     if pin is not None:
         return pin if pin in on_disk else None
-    return on_disk[-1] if on_disk else None
+    good = [v for v in on_disk if v not in failed]
+    return good[-1] if good else None
 
 
 def _status(name: str, slot: _Slot) -> ModelStatus:
