@@ -15,7 +15,7 @@ from support.exports import make_tiny_export
 from support.images import encode, random_rgb
 
 from service.repository import ModelRepository
-from training.commands_models import pack_export
+from training.commands_models import push_archive
 
 LABELS = ["red", "green", "blue"]
 GRAFT = str(Path(sys.executable).parent / "graft")
@@ -129,7 +129,7 @@ def test_predict_errors_are_one_line(export_dir, tmp_path):
 
 
 def test_push_archive_holds_the_export_files_at_its_root(export_dir):
-    with tarfile.open(fileobj=io.BytesIO(pack_export(export_dir)), mode="r:gz") as archive:
+    with tarfile.open(fileobj=io.BytesIO(push_archive(export_dir)), mode="r:gz") as archive:
         members = {m.name: m for m in archive.getmembers()}
         assert all(m.isfile() for m in members.values())
         files = {p.relative_to(export_dir).as_posix() for p in export_dir.rglob("*") if p.is_file()}

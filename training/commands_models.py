@@ -5,9 +5,7 @@ publish and push start instantly and work on machines that only move files.
 """
 
 import functools
-import io
 import json
-import tarfile
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +15,7 @@ import typer
 
 from service.errors import GraftError, InvalidImage
 from service.manifest import verify_dir
+from service.push import pack_export
 from service.repository import ModelRepository, validate_name
 from service.settings import GraftSettings
 from service.validation import check_image
@@ -89,7 +88,7 @@ def push(
     import httpx
 
     validate_name(name)
-    archive = pack_export(export_dir)
+    archive = push_archive(export_dir)
     headers = {"Content-Type": "application/gzip"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -103,15 +102,11 @@ def push(
     typer.echo(response.json()["version"])
 
 
-def pack_export(export_dir: Path) -> bytes:
-    """The export as a tar.gz of its files at the archive root, after checking that every file
-    matches the export's draft manifest (so a damaged export fails here, not on the server)."""
+def push_archive(export_dir: Path) -> bytes:
+    """The tar.gz the service's push endpoint expects, after checking every file against the
+    export's draft manifest (so a damaged export fails here, not after the upload)."""
     verify_dir(export_dir)
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        for path in sorted(p for p in export_dir.rglob("*") if p.is_file()):
-            archive.add(path, arcname=path.relative_to(export_dir).as_posix(), recursive=False)
-    return buffer.getvalue()
+    return pack_export(export_dir)
 
 
 def _server_message(response: Any) -> str:
