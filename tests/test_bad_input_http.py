@@ -1,0 +1,423 @@
+"""Hostile and unusual input against a real `graft serve` (HTTP and gRPC on loopback).
+
+Every bad request must get a clear 4xx (gRPC INVALID_ARGUMENT / NOT_FOUND) with a message,
+never a 5xx, and the service must still be ready afterwards. Unusual but valid images must be
+classified, an EXIF-rotated photo like the upright one, and model pushes must be refused with
+422 while the serving version carries on.
+"""
+
+import base64
+import io
+import re
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from support.bad_images import INVALID, ODD_VALID, exif_rotated_jpeg, png_bomb
+from support.images import encode
+from support.server import RunningServer, running_server
+from support.trained import COLOURS, tinted_photo
+
+from service.grpc_stubs.graft.v1 import classifier_pb2 as pb
+from service.grpc_stubs.graft.v1 import classifier_pb2_grpc as pb_grpc
+from service.push import pack_export
+from service.repository import ModelRepository
+
+pytestmark = pytest.mark.slow
+TOKEN = "test-admin-token-0123456789"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+PICKLE = "application/vnd.bentoml+pickle"
+
+
+# -- an orientation-sensitive model: "top" when the upper half is brighter ---------------------
+
+
+def updown_export(folder: Path) -> Path:
+    """A real Keras model with hand-set weights: logit = 10 x (mean(top) - mean(bottom))."""
+    import keras
+
+    from training.export import export_model
+
+    size = 32
+    weights = np.zeros((size, size, 3, 2), np.float32)
+    weights[: size // 2, :, :, 0] = 10.0 / (size * size * 3 / 2)
+    weights[size // 2 :, :, :, 0] = -10.0 / (size * size * 3 / 2)
+    weights[..., 1] = -weights[..., 0]
+    model = keras.Sequential(
+        [
+            keras.Input((size, size, 3)),
+            keras.layers.Rescaling(1 / 255),
+            keras.layers.Flatten(),
+            keras.layers.Dense(2, activation="softmax"),
+        ]
+    )
+    model.layers[-1].set_weights([weights.reshape(-1, 2), np.zeros(2, np.float32)])
+    return export_model(model, folder, labels=["top", "bottom"], image_size=size, backbone="flat")
+
+
+def bright_top_photo() -> Image.Image:
+    rng = np.random.default_rng(7)
+    pixels = np.full((96, 128, 3), 40.0) + rng.normal(0, 10, (96, 128, 3))
+    pixels[:48] += 170
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def model_root(tmp_path_factory: pytest.TempPathFactory, colour_export: Path) -> Path:
+    root = tmp_path_factory.mktemp("bad-input-models")
+    repository = ModelRepository(root)
+    repository.publish(colour_export, "colours")
+    repository.publish(updown_export(tmp_path_factory.mktemp("updown") / "export"), "updown")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(model_root: Path) -> Iterator[RunningServer]:
+    env = {"GRAFT_ADMIN_TOKEN": TOKEN}
+    with running_server(model_root, default_model="colours", grpc=True, env=env) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def http(server: RunningServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.http, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def classifier(server: RunningServer) -> Iterator[pb_grpc.ImageClassifierStub]:
+    assert server.grpc_target is not None
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        yield pb_grpc.ImageClassifierStub(channel)
+
+
+def upload(http: httpx.Client, *images: bytes, **fields: str) -> httpx.Response:
+    files = [("images", (f"upload{i}.jpg", data, "image/jpeg")) for i, data in enumerate(images)]
+    return http.post("/classify", files=files, data=fields)
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error", "message"} and len(body["message"]) > 15, body
+    if code:
+        assert body["error"] == code, body
+    return body["message"]
+
+
+# -- images -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(INVALID))
+def test_bad_images_get_a_clear_4xx(http: httpx.Client, name: str) -> None:
+    make, status = INVALID[name]
+    message = assert_error(upload(http, make()), status)
+    assert message.startswith("image 0 ")
+
+
+@pytest.mark.parametrize("name", sorted(ODD_VALID))
+def test_unusual_valid_images_are_classified(http: httpx.Client, name: str) -> None:
+    response = upload(http, ODD_VALID[name]())
+    assert response.status_code == 200, response.text
+    assert response.json()["results"][0]["label"] in COLOURS
+
+
+def test_one_bad_image_among_good_ones_names_its_position(http: httpx.Client) -> None:
+    good = tinted_photo("red")
+    message = assert_error(upload(http, good, good, INVALID["truncated.jpg"][0]()), 400)
+    assert message.startswith("image 2 ")
+
+
+def test_exif_rotated_photo_is_classified_like_the_upright_one(http: httpx.Client) -> None:
+    upright = bright_top_photo()
+    stored_sideways = exif_rotated_jpeg(upright, 6)
+    without_exif = encode(Image.open(io.BytesIO(stored_sideways)), "JPEG", quality=95)
+
+    def scores(data: bytes) -> list[float]:
+        body = {"instances": [{"b64": base64.b64encode(data).decode()}]}
+        response = http.post("/v1/models/updown:predict", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()["predictions"][0]["probabilities"]
+
+    expected = scores(encode(upright, "JPEG", quality=95))
+    assert expected[0] > 0.95  # the model sees a bright top
+    np.testing.assert_allclose(scores(stored_sideways), expected, atol=0.02)
+    assert abs(scores(without_exif)[0] - 0.5) < 0.2  # what the model would see unrotated
+
+
+# -- request shapes -----------------------------------------------------------------------------
+
+
+def b64_body(*images: bytes, **fields: object) -> dict:
+    return {"images": [{"b64": base64.b64encode(i).decode()} for i in images], **fields}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status"),
+    [
+        ({"content": b""}, 400),  # empty body, no content type
+        ({"content": b"", "headers": {"content-type": "application/json"}}, 400),
+        ({"content": b"", "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400),
+        ({"content": b'{"images": [', "headers": {"content-type": "application/json"}}, 400),
+        ({"json": {"images": [{"b64": "not base64!!"}]}}, 400),
+        ({"json": {"images": [{"b64": "aGVsbG8"}]}}, 400),  # bad padding
+        ({"json": {"images": "aGVsbG8="}}, 400),
+        ({"json": {"images": [{"b64": 3}]}}, 400),
+        ({"json": {"images": []}}, 400),
+        ({"json": [1, 2, 3]}, 400),
+        ({"json": {"images": [{"b64": "aGk="}], "top_k": "many"}}, 400),
+        ({"content": b"x", "headers": {"content-type": "text/plain"}}, 415),
+        ({"content": b"<a/>", "headers": {"content-type": "application/xml"}}, 415),
+        ({"content": b"\xff\xd8\xff", "headers": {"content-type": "image/jpeg"}}, 415),
+    ],
+)
+def test_malformed_requests(http: httpx.Client, kwargs: dict, status: int) -> None:
+    assert_error(http.post("/classify", **kwargs), status)
+
+
+def test_multipart_with_a_huge_boundary(http: httpx.Client) -> None:
+    boundary = "b" * 20_000
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="a.jpg"'
+            f"\r\nContent-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + tinted_photo("red")
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    response = http.post("/classify", content=body, headers=headers)
+    assert 400 <= response.status_code < 500, response.text
+
+
+def test_too_many_images(http: httpx.Client) -> None:
+    tiny = encode(Image.new("RGB", (2, 2)), "PNG")
+    message = assert_error(http.post("/classify", json=b64_body(*[tiny] * 65)), 400)
+    assert "64" in message
+
+
+def test_body_over_the_limit_is_413_declared_or_streamed(http: httpx.Client) -> None:
+    big = b"\x00" * (16 * 1024 * 1024 + 1)
+    declared = http.post("/classify", content=big, headers={"content-type": "application/json"})
+    assert_error(declared, 413, "payload_too_large")
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: chunked transfer encoding
+        for _ in range(17):
+            yield b"\x00" * (1024 * 1024)
+
+    streamed = http.post(
+        "/classify", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert_error(streamed, 413, "payload_too_large")
+
+
+@pytest.mark.parametrize(
+    ("path", "fields", "status"),
+    [
+        ("/classify", {"model": "nope"}, 404),
+        ("/classify", {"model": "colours", "version": 7}, 404),
+        ("/classify", {"model": "../../etc"}, 400),
+        ("/v1/models/nope:predict", None, 404),
+        ("/v1/models/colours/versions/7:predict", None, 404),
+    ],
+)
+def test_unknown_model_or_version(
+    http: httpx.Client, path: str, fields: dict | None, status: int
+) -> None:
+    photo = tinted_photo("blue")
+    if fields is None:
+        body = {"instances": [{"b64": base64.b64encode(photo).decode()}]}
+    else:
+        body = b64_body(photo, **fields)
+    assert_error(http.post(path, json=body), status)
+
+
+ROUTES = [
+    ("POST", "/classify"),
+    ("POST", "/v1/models/colours:predict"),
+    ("POST", "/v1/models/colours/versions/1:predict"),
+    ("GET", "/v1/models/colours"),
+    ("GET", "/v1/models/colours/metadata"),
+    ("GET", "/models"),
+    ("PUT", "/models/colours/policy"),
+    ("POST", "/models/colours/versions"),
+    ("GET", "/readyz"),
+    ("GET", "/livez"),
+    ("GET", "/metrics"),
+    ("POST", "/"),
+    ("POST", "/infer"),
+    ("POST", "/status"),
+    ("POST", "/no/such/route"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), ROUTES)
+def test_pickle_bodies_are_refused_on_every_route(
+    http: httpx.Client, method: str, path: str
+) -> None:
+    canary = Path("/tmp/graft-pickle-canary")
+    payload = f"cos\nsystem\n(S'touch {canary}'\ntR.".encode()
+    headers = {"content-type": f"{PICKLE}; charset=binary", **AUTH}
+    assert_error(http.request(method, path, content=payload, headers=headers), 415)
+    assert not canary.exists()
+
+
+# -- client disconnects -------------------------------------------------------------------------
+
+
+def test_client_disconnect_mid_upload_leaves_the_server_healthy(server: RunningServer) -> None:
+    host, port = server.http.removeprefix("http://").split(":")
+    for _ in range(5):
+        with socket.create_connection((host, int(port)), timeout=10) as raw:
+            raw.sendall(
+                b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 1000000\r\n\r\n" + b'{"images": [{"b64": "' + b"A" * 50_000
+            )
+    response = httpx.post(f"{server.http}/classify", json=b64_body(tinted_photo("red")), timeout=60)
+    assert response.status_code == 200, response.text
+
+
+# -- gRPC ---------------------------------------------------------------------------------------
+
+GRPC_CASES = {
+    "empty request": ([], "", grpc.StatusCode.INVALID_ARGUMENT),
+    "zero bytes": ([b""], "", grpc.StatusCode.INVALID_ARGUMENT),
+    "html": ([INVALID["html.jpg"][0]()], "", grpc.StatusCode.INVALID_ARGUMENT),
+    "truncated": ([INVALID["truncated.jpg"][0]()], "", grpc.StatusCode.INVALID_ARGUMENT),
+    "bad crc": ([INVALID["bad-crc.png"][0]()], "", grpc.StatusCode.INVALID_ARGUMENT),
+    "bomb": ([png_bomb()], "", grpc.StatusCode.INVALID_ARGUMENT),
+    "too many": ([b"\x89PNG\r\n\x1a\n"] * 65, "", grpc.StatusCode.INVALID_ARGUMENT),
+    "unknown model": (["photo"], "nope", grpc.StatusCode.NOT_FOUND),
+    "bad model name": (["photo"], "../etc", grpc.StatusCode.INVALID_ARGUMENT),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GRPC_CASES))
+def test_grpc_bad_input(classifier: pb_grpc.ImageClassifierStub, case: str) -> None:
+    images, model, code = GRPC_CASES[case]
+    images = [tinted_photo("red") if i == "photo" else i for i in images]
+    with pytest.raises(grpc.RpcError) as caught:
+        classifier.Classify(pb.ClassifyRequest(images=images, model=model), timeout=60)
+    assert caught.value.code() == code, caught.value.details()
+    assert len(caught.value.details()) > 15
+
+
+@pytest.mark.parametrize("name", ["cmyk.jpg", "16bit.png", "animated.gif", "1x10000.png"])
+def test_grpc_unusual_valid_images(classifier: pb_grpc.ImageClassifierStub, name: str) -> None:
+    response = classifier.Classify(pb.ClassifyRequest(images=[ODD_VALID[name]()]), timeout=60)
+    assert response.results[0].label in COLOURS
+
+
+def test_grpc_deadline_is_deadline_exceeded_and_the_server_recovers(
+    classifier: pb_grpc.ImageClassifierStub,
+) -> None:
+    images = [tinted_photo(c) for c in COLOURS] * 8
+    with pytest.raises(grpc.RpcError) as caught:
+        classifier.Classify(pb.ClassifyRequest(images=images), timeout=0.001)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    response = classifier.Classify(pb.ClassifyRequest(images=images[:1]), timeout=60)
+    assert response.results[0].label == "red"
+
+
+# -- model pushes -------------------------------------------------------------------------------
+
+
+def test_push_requires_the_token(http: httpx.Client, colour_export: Path) -> None:
+    archive = pack_export(colour_export)
+    assert_error(http.post("/models/colours/versions", content=archive), 401, "unauthorized")
+    wrong = {"authorization": "Bearer not-the-token"}
+    assert_error(http.post("/models/colours/versions", content=archive, headers=wrong), 401)
+
+
+@pytest.mark.parametrize(
+    ("archive", "reason"),
+    [
+        (b"", "empty"),
+        (b"PK\x03\x04 zip", "not a valid tar.gz"),
+        ("dotdot", "climbs out"),
+        ("symlink", "is a link"),
+        ("tampered", "manifest check failed"),
+        ("width", "2 probabilities"),
+    ],
+)
+def test_bad_pushes_are_refused_and_the_serving_version_stays(
+    http: httpx.Client,
+    model_root: Path,
+    colour_export: Path,
+    tmp_path: Path,
+    archive: object,
+    reason: str,
+) -> None:
+    data = (
+        archive
+        if isinstance(archive, bytes)
+        else _bad_archive(str(archive), colour_export, tmp_path)
+    )
+    response = http.post("/models/colours/versions", content=data, headers=AUTH)
+    assert 400 <= response.status_code < 500, response.text
+    assert re.search(reason, response.json()["message"]), response.text
+    assert ModelRepository(model_root).versions("colours") == [1]
+    assert upload(http, tinted_photo("green")).json()["results"][0]["label"] == "green"
+
+
+def _bad_archive(kind: str, export: Path, scratch: Path) -> bytes:
+    import tarfile
+
+    if kind == "width":  # the updown model's 2 outputs with 3 labels
+        return _relabelled(scratch)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as out:
+        for path in sorted(export.rglob("*")):
+            if path.is_file():
+                data = path.read_bytes()
+                if kind == "tampered" and path.name == "saved_model.pb":
+                    data += b"\x00"
+                info = tarfile.TarInfo(path.relative_to(export).as_posix())
+                info.size = len(data)
+                out.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo("../../evil" if kind == "dotdot" else "assets/x")
+        if kind == "symlink":
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        if kind in ("dotdot", "symlink"):
+            out.addfile(info, io.BytesIO(b""))
+    return buffer.getvalue()
+
+
+def _relabelled(scratch: Path) -> bytes:
+    from service.manifest import Manifest, hash_tree
+
+    folder = updown_export(scratch / "updown")
+    (folder / "assets/labels.txt").write_text("top\nbottom\nsideways\n")
+    manifest = Manifest.read(folder)
+    manifest.model_copy(
+        update={"labels": ["top", "bottom", "sideways"], "files": hash_tree(folder)}
+    ).write(folder)
+    return pack_export(folder)
+
+
+def test_a_good_push_is_published_and_served(
+    http: httpx.Client, model_root: Path, colour_export: Path
+) -> None:
+    response = http.post(
+        "/models/pushed/versions", content=pack_export(colour_export), headers=AUTH
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["version"] == 1
+    assert ModelRepository(model_root).versions("pushed") == [1]
+
+
+# -- and afterwards -----------------------------------------------------------------------------
+
+
+def test_still_ready_and_no_5xx_was_ever_answered(http: httpx.Client) -> None:
+    assert http.get("/readyz").status_code == 200
+    metrics = http.get("/metrics").text
+    served = re.findall(r"graft_request_duration_seconds_count{([^}]*)} (\S+)", metrics)
+    assert served, "no request metrics"
+    fives = [labels for labels, count in served if re.search(r'code="5', labels) and float(count)]
+    assert fives == [], fives
