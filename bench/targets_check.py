@@ -48,7 +48,13 @@ def t1_ceiling_ratio(results: Results) -> Verdict:
     figure = (
         f"{run['throughput_ips']:.1f} / {ceiling['best_throughput_ips']:.1f} img/s = {ratio:.2f} x"
     )
-    return Verdict("T1", target, figure, ratio >= 0.85, run["contended"] or ceiling["contended"])
+    return Verdict(
+        "T1",
+        target,
+        figure,
+        ratio >= 0.85,
+        run.get("contended", False) or ceiling.get("contended", False),
+    )
 
 
 def _versus(
@@ -72,7 +78,7 @@ def _versus(
     figure = f"{a['throughput_ips']:.1f} vs {b['throughput_ips']:.1f} img/s = {ratio:.2f} x" + (
         f"; p99 {p99a:.0f} vs {p99b:.0f} ms" if need_lower_p99 else ""
     )
-    return Verdict(tid, target, figure, met, a["contended"] or b["contended"])
+    return Verdict(tid, target, figure, met, a.get("contended", False) or b.get("contended", False))
 
 
 def t2_batching(results: Results) -> Verdict:
@@ -120,7 +126,11 @@ def t5_latency(results: Results) -> Verdict:
     p50, base = run["latency_ms"]["p50"], ceiling["batch1_latency_ms"]["p50"]
     figure = f"p50 {p50:.1f} ms vs {base:.1f} + 10 ms (overhead {p50 - base:+.1f} ms)"
     return Verdict(
-        "T5", target, figure, p50 <= base + 10.0, run["contended"] or ceiling["contended"]
+        "T5",
+        target,
+        figure,
+        p50 <= base + 10.0,
+        run.get("contended", False) or ceiling.get("contended", False),
     )
 
 

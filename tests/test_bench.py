@@ -1,0 +1,312 @@
+"""The benchmark harness on real parts: a tiny exported SavedModel, the tutorial peer served by
+uvicorn on loopback, the load generator in its own process, the in-process ceiling, and the
+report rendered from what those runs measured. Images are generated JPEGs, not ../shared."""
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from support.exports import make_tiny_export
+from support.images import encode, random_rgb
+
+from bench import report
+from bench.images import image_paths, load_images
+from bench.loadgen import poisson_offsets, run_spec
+from bench.procs import ServerFailed, free_port, http_ok, serve
+from bench.sections import analyze_switch
+from bench.stats import Sample, summarize
+from bench.targets_check import verdicts
+from bench.transport import RawTransport
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two class folders of generated 64x64 JPEGs, the layout of plantvillage-apple."""
+    root = tmp_path_factory.mktemp("images")
+    for c, name in enumerate(("healthy", "scab")):
+        (root / name).mkdir()
+        for i in range(4):
+            (root / name / f"{i}.jpg").write_bytes(encode(random_rgb(64, 64, 10 * c + i), "JPEG"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_export(tmp_path_factory.mktemp("model") / "export", labels=("a", "b"))
+
+
+@pytest.fixture(scope="module")
+def tutorial_url(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    port = free_port()
+    cmd = [sys.executable, "-m", "uvicorn", "bench.peers.tutorial_app:app", "--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    with serve(
+        "tutorial",
+        cmd,
+        env={"MODEL_DIR": str(model_dir)},
+        ready=http_ok(f"{url}/healthz"),
+        url=url,
+        log_dir=tmp_path_factory.mktemp("logs"),
+        cwd=REPO,
+        timeout_s=120,
+    ) as server:
+        yield server.url
+
+
+def closed(concurrency: int) -> dict:
+    return {"mode": "closed", "concurrency": concurrency, "warmup_s": 0.3, "duration_s": 1.0}
+
+
+# -- load generation against a real server -----------------------------------------------------
+
+
+def test_closed_and_open_loop_against_the_tutorial_peer(tutorial_url: str, image_dir: Path):
+    spec = {
+        "target": {"kind": "tutorial", "url": tutorial_url, "model": "tiny"},
+        "images": {"dir": str(image_dir), "count": 8},
+        "runs": [
+            closed(1),
+            closed(4),
+            {"mode": "open", "rate": 20.0, "warmup_s": 0.3, "duration_s": 1.0},
+        ],
+    }
+    results = asyncio.run(run_spec(spec))
+    for result in results:
+        assert result["errors"] == 0, result["error_kinds"]
+        assert result["requests"] > 0 and result["throughput_ips"] > 0
+        assert 0 < result["latency_ms"]["p50"] <= result["latency_ms"]["p99"]
+        assert result["loadgen_cpu_ms_per_request"] > 0
+    assert results[2]["worst_dispatch_lag_ms"] >= 0
+
+
+def test_httpx_and_raw_clients_get_the_same_answers(tutorial_url: str, image_dir: Path):
+    spec = {
+        "target": {"kind": "tutorial", "url": tutorial_url, "model": "tiny", "client": "httpx"},
+        "images": {"dir": str(image_dir), "count": 4},
+        "runs": [closed(2)],
+    }
+    [result] = asyncio.run(run_spec(spec))
+    assert result["errors"] == 0 and result["requests"] > 0
+
+
+def test_a_refused_connection_is_counted_as_an_error_not_a_crash(image_dir: Path):
+    spec = {
+        "target": {"kind": "tutorial", "url": f"http://127.0.0.1:{free_port()}", "model": "tiny"},
+        "images": {"dir": str(image_dir), "count": 2},
+        "runs": [closed(2)],
+    }
+    [result] = asyncio.run(run_spec(spec))
+    assert result["errors"] == result["requests"] > 0
+    assert set(result["error_kinds"]) == {"ConnectionRefusedError"}
+
+
+def test_an_undecodable_image_is_an_http_error_of_the_peer(tutorial_url: str, tmp_path: Path):
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "0.jpg").write_bytes(b"not a jpeg at all")
+    spec = {
+        "target": {"kind": "tutorial", "url": tutorial_url, "model": "tiny"},
+        "images": {"dir": str(tmp_path), "count": 1},
+        "runs": [closed(1)],
+    }
+    [result] = asyncio.run(run_spec(spec))
+    assert set(result["error_kinds"]) == {"http_400"}
+
+
+# -- the raw HTTP client ------------------------------------------------------------------------
+
+
+async def _chunked_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers every request with a chunked body, then closes on the third."""
+    served = 0
+    while True:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        served += 1
+        close = served == 3
+        writer.write(
+            b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n"
+            + (b"Connection: close\r\n" if close else b"")
+            + b"\r\n"
+            + b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+        )
+        await writer.drain()
+        if close:
+            writer.close()
+            return
+
+
+def test_raw_client_reads_chunked_answers_and_reconnects_after_close():
+    async def scenario() -> list[tuple[int, bytes]]:
+        server = await asyncio.start_server(_chunked_server, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        transport = RawTransport(f"http://127.0.0.1:{port}", 1)
+        prepared = transport.request_bytes("/x", b"body", "text/plain")
+        answers = [await transport.post(prepared) for _ in range(4)]
+        await transport.close()
+        server.close()
+        return answers
+
+    assert asyncio.run(scenario()) == [(201, b"abcde")] * 4
+
+
+# -- the ceiling and the statistics ---------------------------------------------------------------
+
+
+def test_ceiling_measures_every_batch_size(model_dir: Path, image_dir: Path):
+    from bench.ceiling import measure
+
+    rows = measure(model_dir, load_images(image_dir, 8), [1, 4], warmup_calls=1, duration_s=0.5)
+    assert [r["batch_size"] for r in rows] == [1, 4]
+    assert all(r["calls"] > 0 and r["throughput_ips"] > 0 for r in rows)
+
+
+def test_summarize_counts_only_the_window():
+    samples = [Sample(0.5, 0.1), Sample(1.0, 0.2), Sample(1.5, 0.4, "http_503"), Sample(2.5, 0.1)]
+    summary = summarize(samples, 1.0, 2.0)
+    assert summary.requests == 2 and summary.errors == 1
+    assert summary.error_kinds == {"http_503": 1}
+    assert summary.throughput_ips == pytest.approx(1.0)
+    assert summary.latency_ms["p50"] == pytest.approx(200.0)
+
+
+def test_poisson_arrivals_have_the_asked_rate():
+    offsets = poisson_offsets(rate=200.0, total_s=20.0, seed=1)
+    assert len(offsets) == pytest.approx(4000, rel=0.05)
+    assert np.all(np.diff(offsets) > 0) and offsets[-1] < 20.0
+
+
+def test_switch_analysis_separates_steady_switch_and_after():
+    steady = [Sample(t / 10, 0.05, None, 1) for t in range(0, 50)]  # 0 .. 4.9 s on v1
+    during = [Sample(5 + t / 10, 0.30, None, 1) for t in range(0, 10)]  # slow, still v1
+    after = [Sample(6 + t / 10, 0.05, None, 2) for t in range(0, 40)]  # v2 from 6.05 s on
+    result = analyze_switch(steady + during + after, (0.0, 10.0), 5.0, 1, 2)
+    assert result["switched"] and result["errors"] == 0
+    assert result["switch_delay_s"] == pytest.approx(1.05)
+    assert result["latency_ms_switch"]["p99"] > result["latency_ms_steady"]["p99"]
+    assert result["p99_ratio"] == pytest.approx(300 / 50, rel=0.05)
+
+
+def test_a_switch_that_never_happens_is_reported():
+    samples = [Sample(t / 10, 0.05, None, 1) for t in range(100)]
+    result = analyze_switch(samples, (0.0, 10.0), 5.0, 1, 2)
+    assert not result["switched"] and result["switch_delay_s"] is None
+
+
+# -- inputs and failures ---------------------------------------------------------------------------
+
+
+def test_images_are_taken_round_robin_over_classes(image_dir: Path):
+    paths = image_paths(image_dir, 4)
+    assert [p.parent.name for p in paths] == ["healthy", "scab", "healthy", "scab"]
+
+
+def test_missing_image_folder_says_what_to_set(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="GRAFT_BENCH_DATA"):
+        image_paths(tmp_path / "nowhere", 4)
+
+
+def test_a_server_that_dies_at_start_reports_its_log(tmp_path: Path):
+    cmd = [sys.executable, "-c", "import sys; print('model folder missing'); sys.exit(3)"]
+    with (
+        pytest.raises(ServerFailed, match="model folder missing"),
+        serve(
+            "dying",
+            cmd,
+            env={},
+            ready=lambda: False,
+            url="-",
+            log_dir=tmp_path,
+            cwd=REPO,
+            timeout_s=30,
+        ),
+    ):
+        pass
+
+
+def test_unknown_section_is_refused_with_the_valid_names():
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--only", "warp-drive"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "warp-drive" in done.stderr and "graft-http" in done.stderr
+
+
+# -- the report ---------------------------------------------------------------------------------
+
+
+def _section(name: str, **data) -> dict:
+    meta = {
+        "date": "2026-01-01 00:00 UTC",
+        "commit": "abc",
+        "command": "python -m bench",
+        "machine": {
+            "cpu": "cpu",
+            "cores": 2,
+            "memory_gib": 24,
+            "os": "Linux",
+            "python": "3.11",
+            "tensorflow": "2.21",
+            "bentoml": "1.4",
+            "grpcio": "1.85",
+        },
+    }
+    return {"section": name, "meta": meta, "model": {"name": "tiny"}, "ok": True, **data}
+
+
+def test_report_renders_measured_runs_and_keeps_the_hand_written_text(
+    tutorial_url: str, image_dir: Path, tmp_path: Path
+):
+    spec = {
+        "target": {"kind": "tutorial", "url": tutorial_url, "model": "tiny"},
+        "images": {"dir": str(image_dir), "count": 8},
+        "runs": [closed(1), closed(16)],
+    }
+    runs = asyncio.run(run_spec(spec))
+    results_dir = tmp_path / "results"
+    results_dir.mkdir()
+    # the same measured runs stand in for two servers, so that T3 has both sides to compare
+    for name in ("tutorial", "graft-http"):
+        (results_dir / f"{name}.json").write_text(json.dumps(_section(name, runs=runs)))
+    document = tmp_path / "BENCHMARKS.md"
+    document.write_text(
+        f"# Benchmarks\n\nT3: written by a person.\n\n{report.BEGIN}\nold\n"
+        f"{report.END}\n\ntail kept\n"
+    )
+
+    missing = report.render(results_dir, tmp_path / "plots", document)
+
+    text = document.read_text()
+    assert "T3: written by a person." in text and "tail kept" in text and "\nold\n" not in text
+    assert "tutorial FastAPI" in text and f"{runs[1]['throughput_ips']:.1f}" in text
+    assert (tmp_path / "plots" / "throughput_vs_concurrency.png").stat().st_size > 1000
+    assert missing == []  # T3 is missed (1.0 x) but has its written cause
+
+
+def test_a_missed_target_without_a_written_cause_is_flagged(tmp_path: Path):
+    run = {
+        "mode": "closed",
+        "concurrency": 16,
+        "throughput_ips": 10.0,
+        "contended": False,
+        "latency_ms": {"p50": 1.0, "p95": 1.0, "p99": 1.0},
+        "errors": 0,
+    }
+    results = {
+        "graft-http": _section("graft-http", runs=[run]),
+        "graft-nobatch": _section("graft-nobatch", runs=[{**run, "throughput_ips": 9.0}]),
+    }
+    [t2] = [v for v in verdicts(results) if v.target_id == "T2"]
+    assert t2.met is False and "1.11 x" in t2.figure
+    document = f"# B\n{report.BEGIN}\n{report.END}\n"
+    assert report.missing_explanations(document, [t2]) == ["T2"]
