@@ -139,22 +139,28 @@ class Gateway:
     ) -> Prediction:
         name = model or self._settings.default_model
         with self.observe(protocol, route, name, version) as outcome:
-            prediction = await self._predict(images, name, version, deadline)
+            prediction = await self._predict(images, name, version, deadline, protocol)
             outcome["version"] = str(prediction.version)
             return prediction
 
     async def _predict(
-        self, images: list[bytes], name: str, version: int | None, deadline: float | None
+        self,
+        images: list[bytes],
+        name: str,
+        version: int | None,
+        deadline: float | None,
+        protocol: str,
     ) -> Prediction:
         validate_name(name)
         images = self._validated(images)
         resolved = version if version is not None else self._active_version(name)
         with self._admitted(len(images)):
-            results = await self._infer(images, name, resolved, deadline)
+            results = await self._infer(images, name, resolved, deadline, protocol)
             if version is None and any(r.error_code == ModelNotFound.code for r in results):
                 # The cached active version was swapped out twice since the last status poll.
                 await self.refresh_status()
-                results = await self._infer(images, name, self._active_version(name), deadline)
+                active = self._active_version(name)
+                results = await self._infer(images, name, active, deadline, protocol)
         _raise_first_error(results)
         served = results[0].version
         assert served is not None  # a successful result always names its version
@@ -171,10 +177,18 @@ class Gateway:
         return [check_image(data, max_pixels=pixels, index=i).data for i, data in enumerate(images)]
 
     async def _infer(
-        self, images: list[bytes], name: str, version: int | None, deadline: float | None
+        self,
+        images: list[bytes],
+        name: str,
+        version: int | None,
+        deadline: float | None,
+        protocol: str,
     ) -> list[InferResult]:
         now = time.time()
-        items = [InferItem(model=name, version=version, image=i, enqueued_at=now) for i in images]
+        items = [
+            InferItem(model=name, version=version, image=i, enqueued_at=now, protocol=protocol)
+            for i in images
+        ]
         return await self._call(self._backend.infer(items), deadline)
 
     async def _call(self, work: Awaitable[T], deadline: float | None) -> T:

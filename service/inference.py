@@ -30,6 +30,7 @@ class InferItem(BaseModel):
     version: int | None = None
     image: bytes
     enqueued_at: float  # time.time() in the gateway, for the queue-wait metric
+    protocol: str = ""  # who asked (http / grpc), for the batch-mix metric
 
 
 class InferResult(BaseModel):
@@ -70,6 +71,7 @@ def run_batch(manager: VersionManager, items: list[InferItem]) -> list[InferResu
     started = time.time()
     for item in items:
         metrics.QUEUE_WAIT.observe(max(0.0, started - item.enqueued_at))
+    metrics.BATCHES.labels("+".join(sorted({item.protocol for item in items}))).inc()
     results: list[InferResult | None] = [None] * len(items)
     groups: dict[tuple[str, int | None], list[int]] = defaultdict(list)
     for index, item in enumerate(items):

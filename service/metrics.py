@@ -24,6 +24,11 @@ BATCH_SIZE = Histogram(
     ["model", "version"],
     buckets=_BATCH_BUCKETS,
 )
+BATCHES = Counter(
+    "graft_inference_batches_total",
+    "Inference batches by the protocols whose requests they merged (e.g. grpc+http).",
+    ["protocols"],
+)
 INFERENCE_DURATION = Histogram(
     "graft_inference_duration_seconds",
     "Compute time of one inference batch (decode + model).",
