@@ -2,7 +2,7 @@
 flat feature extractors, and the conversion cache makes later builds fast."""
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import keras
@@ -87,10 +87,9 @@ def test_unreadable_cache_is_converted_again(lite0: keras.Model, cache_dir: Path
     assert cached.read_bytes()[:8] == b"\x89HDF\r\n\x1a\n"
 
 
-def test_lite0_loads_a_weights_file_path(lite0: keras.Model, tmp_path: Path) -> None:
-    path = tmp_path / "lite0.weights.h5"
-    lite0.save_weights(path)
-    _assert_same_weights(efficientnet_lite0(weights=path), lite0)
+def test_lite0_loads_a_weights_file_path(lite0: keras.Model, cache_dir: Path) -> None:
+    (converted,) = cache_dir.glob("efficientnet_lite0-*.weights.h5")
+    _assert_same_weights(efficientnet_lite0(weights=converted), lite0)
 
 
 def test_imagenet_labels_in_standard_order() -> None:
@@ -100,28 +99,45 @@ def test_imagenet_labels_in_standard_order() -> None:
     assert labels[134] != labels[517]  # the two "crane" classes stay distinguishable
 
 
+SMALL = 32  # the smallest size every application accepts; keeps these builds cheap
+
+
+@pytest.fixture(scope="module")
+def small_backbones() -> dict[str, keras.Model]:
+    """Every registry entry, randomly initialised, built once for the tests below."""
+    return {name: spec.build(weights=None, image_size=SMALL) for name, spec in BACKBONES.items()}
+
+
 @pytest.mark.parametrize("name", sorted(BACKBONES))
-def test_every_backbone_builds_a_flat_feature_extractor(name: str) -> None:
-    spec = get_backbone(name)
-    model = spec.build(weights=None, image_size=64)
-    assert model.input.shape == (None, 64, 64, 3)
-    assert model.output.shape == (None, 2, 2, spec.feature_dim)
+def test_every_backbone_is_a_flat_feature_extractor(
+    name: str, small_backbones: dict[str, keras.Model]
+) -> None:
+    spec, model = get_backbone(name), small_backbones[name]
+    assert model.input.shape == (None, SMALL, SMALL, 3)
+    assert model.output.shape == (None, 1, 1, spec.feature_dim)
     assert not any(isinstance(layer, keras.Model | keras.layers.Lambda) for layer in model.layers)
     # Fine-tuning starts at a block's first convolution, not mid-block or in the stem.
     assert 0 < spec.fine_tune_layers < len(model.layers) // 2
     assert isinstance(model.layers[-spec.fine_tune_layers], keras.layers.Conv2D)
-    pixels = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, SMALL, SMALL, 3)).astype("float32")
     assert np.isfinite(model(pixels, training=False)).all()
+
+
+def test_native_size_is_the_default() -> None:
+    model = get_backbone("efficientnet_lite0").build(weights=None)
+    assert model.input.shape == (None, 224, 224, 3)
+    assert model.output.shape == (None, 7, 7, 1280)
 
 
 # One application with a built-in layer in front, one with our registered layer.
 @pytest.mark.parametrize("name", ["mobilenet_v2", "resnet50"])
-def test_keras_application_loads_a_local_weights_file(name: str, tmp_path: Path) -> None:
-    spec = get_backbone(name)
-    saved = spec.build(weights=None, image_size=32)
+def test_keras_application_loads_a_local_weights_file(
+    name: str, small_backbones: dict[str, keras.Model], tmp_path: Path
+) -> None:
     path = tmp_path / f"{name}.weights.h5"
-    saved.save_weights(path)
-    _assert_same_weights(spec.build(weights=path, image_size=32), saved)
+    small_backbones[name].save_weights(path)
+    reloaded = get_backbone(name).build(weights=path, image_size=SMALL)
+    _assert_same_weights(reloaded, small_backbones[name])
 
 
 def test_missing_weights_file_says_what_to_pass(tmp_path: Path) -> None:
@@ -138,10 +154,13 @@ def test_missing_weights_file_says_what_to_pass(tmp_path: Path) -> None:
         ("resnet50", keras.applications.resnet50.preprocess_input),
     ],
 )
-def test_normalisation_layer_matches_keras_preprocess_input(name: str, reference) -> None:
-    model = get_backbone(name).build(weights=None, image_size=32)
-    normalise = model.layers[1]
-    pixels = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+def test_normalisation_layer_matches_keras_preprocess_input(
+    name: str,
+    reference: Callable[[np.ndarray], np.ndarray],
+    small_backbones: dict[str, keras.Model],
+) -> None:
+    normalise = small_backbones[name].layers[1]
+    pixels = np.random.default_rng(1).uniform(0, 255, (2, SMALL, SMALL, 3)).astype("float32")
     np.testing.assert_allclose(normalise(pixels), reference(pixels.copy()), rtol=1e-5, atol=1e-4)
 
 

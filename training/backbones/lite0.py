@@ -10,19 +10,23 @@ from training.backbones.lite0_weights import load_converted_checkpoint, packaged
 _POOLING = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}
 
 
-def _load_weights(model: keras.Model, weights: str | Path) -> None:
+def _weights_file(weights: str | Path) -> Path:
+    """The file to load weights from: the packaged checkpoint for "imagenet", else `weights`."""
     if str(weights) == "imagenet":
-        load_converted_checkpoint(model, packaged_checkpoint())
-        return
+        return packaged_checkpoint()
     path = Path(weights)
     if not path.is_file():
         raise FileNotFoundError(
             f"weights file {path} does not exist; pass 'imagenet', None, a .weights.h5 file "
             "saved from efficientnet_lite0(include_top=True), or a legacy PyTorch .pth checkpoint"
         )
+    return path
+
+
+def _load_weights(model: keras.Model, path: Path) -> None:
     if path.name.endswith(".weights.h5"):
         model.load_weights(path)
-    else:
+    else:  # a legacy PyTorch checkpoint: converted once, then loaded from the cache
         load_converted_checkpoint(model, path)
 
 
@@ -44,9 +48,10 @@ def efficientnet_lite0(
         raise ValueError(f"input_shape must be (height, width, 3) with sides >= 32, got {shape}")
     if pooling not in (None, *_POOLING):
         raise ValueError(f"pooling must be None, 'avg' or 'max', got {pooling!r}")
+    weights_file = None if weights is None else _weights_file(weights)  # before the slow build
     model = build_efficientnet_lite0(shape)
-    if weights is not None:
-        _load_weights(model, weights)
+    if weights_file is not None:
+        _load_weights(model, weights_file)
     if include_top:
         return model
     features = model.get_layer("top_activation").output

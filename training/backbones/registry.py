@@ -40,14 +40,15 @@ def _build_lite0(weights: Weights, size: int) -> keras.Model:
     return efficientnet_lite0(include_top=False, weights=weights, input_shape=(size, size, 3))
 
 
-def _load_local_weights(model: keras.Model, path: Path) -> None:
+def _local_weights_file(weights: str | Path) -> Path:
+    path = Path(weights)
     if not path.is_file():
         raise FileNotFoundError(
             f"weights file {path} does not exist; pass 'imagenet' (downloads once into Keras's "
             "cache), None (random init), or the path of a .weights.h5 file saved from this "
             "backbone's build()"
         )
-    model.load_weights(path)
+    return path
 
 
 def _keras_application(
@@ -57,14 +58,15 @@ def _keras_application(
     """A builder for a keras.applications network with our normalisation layer in front."""
 
     def build(weights: Weights, size: int) -> keras.Model:
+        keras_weights = "imagenet" if str(weights) == "imagenet" else None
+        local = _local_weights_file(weights) if weights is not None and not keras_weights else None
         inputs = keras.Input(shape=(size, size, 3), name="pixels")
         x = normalisation()(inputs) if normalisation else inputs
-        keras_weights = "imagenet" if str(weights) == "imagenet" else None
         base = constructor(include_top=False, weights=keras_weights, input_tensor=x)
         # Re-wrap the same layers: some applications take their inputs as a list.
         model = keras.Model(inputs, base.output, name=base.name)
-        if weights is not None and keras_weights is None:
-            _load_local_weights(model, Path(weights))
+        if local is not None:
+            model.load_weights(local)
         return model
 
     return build
