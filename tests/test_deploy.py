@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,34 @@ def test_docker_build_context_admits_exactly_what_the_dockerfile_copies() -> Non
     }
     assert copied == admitted
     assert all((ROOT / path).exists() for path in copied)
+
+
+@pytest.fixture(scope="module")
+def image_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel `pip install .` builds inside the image, from the files the context admits."""
+    context = tmp_path_factory.mktemp("docker-context")
+    for path in ("pyproject.toml", "README.md", "training", "service"):
+        source = ROOT / path
+        if source.is_dir():
+            shutil.copytree(source, context / path, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, context / path)
+    wheels = tmp_path_factory.mktemp("wheels")
+    pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+    _run(*pip, "-w", str(wheels), str(context), cwd=context)
+    return next(wheels.glob("*.whl"))
+
+
+def test_image_install_carries_every_module_data_file_and_the_cli(image_wheel: Path) -> None:
+    with zipfile.ZipFile(image_wheel) as wheel:
+        names = set(wheel.namelist())
+        entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+        assert "graft = training.cli:app" in wheel.read(entry_points).decode()
+    for package in ("service", "training"):
+        for path in (ROOT / package).rglob("*"):
+            if path.is_file() and "__pycache__" not in path.parts:
+                relative = path.relative_to(ROOT).as_posix()
+                assert relative in names, f"{relative} would be missing from the image"
 
 
 # -- Prometheus ------------------------------------------------------------------------------
