@@ -177,3 +177,20 @@ def test_init_default_is_idempotent(default_root):
     run = graft("init-default", "--model-root", default_root, timeout=120)
     assert run.returncode == 0 and "nothing to do" in run.stdout
     assert ModelRepository(default_root).versions("imagenet") == [1]
+
+
+@pytest.mark.slow
+def test_push_to_a_running_service_publishes_the_next_version(export_dir, tmp_path):
+    """The receiving end is the real `graft serve`: a wrong token gets the server's message in
+    one line; the right one gets a new, verified version."""
+    from support.server import running_server
+
+    root = tmp_path / "models"
+    ModelRepository(root).publish(export_dir, "flowers")
+    token = "push-test-token"
+    with running_server(root, default_model="flowers", env={"GRAFT_ADMIN_TOKEN": token}) as srv:
+        refused = graft("push", export_dir, "--name", "flowers", "--url", srv.http, "--token", "x")
+        assert_one_line_error(refused, "refused the push (401)")
+        pushed = graft("push", export_dir, "--name", "flowers", "--url", srv.http, "--token", token)
+        assert (pushed.returncode, pushed.stdout.strip()) == (0, "2"), pushed.stderr
+    assert ModelRepository(root).verify("flowers", 2).labels == LABELS
