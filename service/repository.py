@@ -81,15 +81,18 @@ class ModelRepository:
     def pin(self, name: str) -> int | None:
         path = self._model_dir(name) / POLICY_FILE
         try:
-            policy = json.loads(path.read_bytes())
-            pin = policy["pin"]
+            pin = json.loads(path.read_bytes())["pin"]
         except FileNotFoundError:
             return None
         except (ValueError, KeyError, TypeError):
+            pin = "invalid"
+        if pin is None:
+            return None
+        if isinstance(pin, bool) or not isinstance(pin, int) or pin < 1:
             raise RepositoryError(
-                f'{path} is not {{"pin": null}} or {{"pin": N}}; fix it or run set_pin again'
-            ) from None
-        return None if pin is None else validate_version(pin)
+                f'{path} is not {{"pin": null}} or {{"pin": N}}; fix it or set the pin again'
+            )
+        return pin
 
     def resolve(self, name: str, version: int | None = None) -> int:
         """The version a request gets: the explicit one, else the pinned one, else the newest."""

@@ -171,12 +171,10 @@ def test_a_pin_to_a_removed_version_or_a_broken_policy_is_reported(repo, export_
     shutil.rmtree(repo.version_dir("flowers", 1))
     with pytest.raises(ModelNotFound, match="pinned to version 1"):
         repo.resolve("flowers")
-    (repo.root / "flowers" / "policy.json").write_text('{"pin": "two"}')
-    with pytest.raises(BadRequest):
-        repo.pin("flowers")
-    (repo.root / "flowers" / "policy.json").write_text("not json")
-    with pytest.raises(RepositoryError, match=r"policy\.json"):
-        repo.pin("flowers")
+    for broken in ('{"pin": "two"}', '{"pin": 0}', '{"pin": true}', "[]", "not json"):
+        (repo.root / "flowers" / "policy.json").write_text(broken)
+        with pytest.raises(RepositoryError, match=r"policy\.json"):
+            repo.pin("flowers")
     assert repo.publish(export_dir, "flowers") == 3, "a removed number is never reused"
 
 
