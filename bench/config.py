@@ -36,6 +36,8 @@ class Profile:
     ceiling_duration_s: float
     open_fractions: tuple[float, ...]  # open-loop rates, as fractions of the ceiling
     switch_duration_s: float
+    peer_levels: tuple[int, ...]  # levels for graft-nobatch, tutorial and kserve
+    peer_open_loop: bool  # open-loop runs for the tutorial and KServe peers too
     switch_at: float = 0.35  # publish the new version this far into the switch window
 
     def with_durations(self, warmup_s: float | None, duration_s: float | None) -> "Profile":
@@ -55,6 +57,8 @@ FULL = Profile(
     ceiling_duration_s=10.0,
     open_fractions=(0.5, 0.8),
     switch_duration_s=45.0,
+    peer_levels=(1, 4, 16, 64),
+    peer_open_loop=True,
 )
 QUICK = Profile(
     levels=(1, 16),
@@ -65,4 +69,6 @@ QUICK = Profile(
     ceiling_duration_s=2.0,
     open_fractions=(0.5,),
     switch_duration_s=14.0,
+    peer_levels=(16,),  # what the targets compare; keeps --quick under 3 minutes
+    peer_open_loop=False,
 )

@@ -164,13 +164,15 @@ def _result(
 async def run_spec(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """spec: {"target": {...}, "images": {"dir", "count"}, "runs": [{"mode": "closed",
     "concurrency", "warmup_s", "duration_s"} | {"mode": "open", "rate", ...}],
-    "keep_samples": bool}."""
+    "keep_samples": bool, "started_file": optional path that gets the monotonic start time}."""
     images = load_images(Path(spec["images"]["dir"]), int(spec["images"]["count"]))
     results = []
     for run in spec["runs"]:
         closed = run["mode"] == "closed"
         target = make_target(spec["target"], run["concurrency"] if closed else MAX_IN_FLIGHT)
         payloads = [target.prepare(image) for image in images]
+        if started := spec.get("started_file"):  # lets a caller time events within the run
+            Path(started).write_text(str(time.monotonic()))
         if closed:
             measured = await closed_loop(
                 target, payloads, run["concurrency"], run["warmup_s"], run["duration_s"]

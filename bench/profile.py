@@ -117,8 +117,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     model = resolve_model(args.model_root.resolve(), args.model)
     env = dict(item.split("=", 1) for item in args.env)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    raw, svg = RESULTS_DIR / "profile.raw.txt", PLOTS_DIR / "profile-graft.svg"
+    work = RESULTS_DIR / "profile"
+    work.mkdir(parents=True, exist_ok=True)
+    raw, svg = work / "profile.raw.txt", PLOTS_DIR / "profile-graft.svg"
     PLOTS_DIR.mkdir(parents=True, exist_ok=True)
     with graft(model, "profile", env) as server:
         load_s = args.warmup + 2 * args.duration + 10
@@ -134,7 +135,7 @@ def main(argv: list[str]) -> int:
                 }
             ],
         }
-        spec_path = RESULTS_DIR / "profile.loadgen.json"
+        spec_path = work / "loadgen.spec.json"
         spec_path.write_text(json.dumps(spec))
         loadgen = subprocess.Popen(
             [
@@ -142,7 +143,7 @@ def main(argv: list[str]) -> int:
                 "-m",
                 "bench.loadgen",
                 str(spec_path),
-                str(RESULTS_DIR / "profile.loadgen.out.json"),
+                str(work / "loadgen.out.json"),
             ]
         )
         time.sleep(args.warmup)

@@ -58,12 +58,17 @@ def runs_table(results: Results) -> list[str]:
     ]
     for name, data in results.items():
         meta = data["meta"]
-        status = "ok" if data.get("ok") else f"FAILED: {data.get('error', '?')[:120]}"
+        status = "ok" if data.get("ok") else f"FAILED: {_one_line(data.get('error', '?'))}"
         lines.append(
             f"| {name} | {status} | {meta['date']} | `{meta['commit']}` | `{meta['command']}` "
             f"| {'**measured under contention**' if _contended(data) else 'quiet'} |"
         )
     return lines
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+    first = text.strip().splitlines()[0] if text.strip() else "?"
+    return first.replace("|", "/")[:limit]
 
 
 def _contended(data: dict[str, Any]) -> bool:
@@ -182,12 +187,12 @@ def loadgen_table(results: Results) -> list[str]:
     if not data or not data.get("ok"):
         return []
     lines = [
-        "| against a do-nothing server | img/s | p50 ms | loadgen CPU ms/req | loadgen cores |",
-        "|---|---|---|---|---|",
+        "| HTTP client | concurrency | img/s | p50 ms | loadgen CPU ms/req | loadgen cores |",
+        "|---|---|---|---|---|---|",
     ]
     for run in data["runs"]:
         lines.append(
-            f"| c={run['concurrency']} | {_f(run['throughput_ips'])} | "
+            f"| {run.get('client', '?')} | {run['concurrency']} | {_f(run['throughput_ips'])} | "
             f"{_f(run['latency_ms']['p50'])} | {_f(run['loadgen_cpu_ms_per_request'], 2)} | "
             f"{_f(run['loadgen_cpu_share'], 2)} |"
         )

@@ -81,6 +81,13 @@ def load(
     spec = {"target": target, "images": ctx.images(), "runs": [run], "keep_samples": keep_samples}
     result = _subprocess_json(ctx, "bench.loadgen", spec, tag)[0]
     result["client"] = target["client"] if target["kind"] != "graft-grpc" else "grpc.aio"
+    _print_run(tag, annotate(result, server))
+    return result
+
+
+def annotate(result: dict[str, Any], server: Server | None) -> dict[str, Any]:
+    """Add the server's CPU over the measured window, and the share of the machine that other
+    processes took meanwhile (above CONTENTION_THRESHOLD the run is flagged)."""
     start, end = result["window"]
     span = end - start
     server_cpu = server.sampler.cpu_seconds(start, end) if server else 0.0
@@ -91,7 +98,6 @@ def load(
         foreign_cpu_share=foreign,
         contended=foreign > CONTENTION_THRESHOLD,
     )
-    _print_run(tag, result)
     return result
 
 
@@ -225,7 +231,9 @@ def graft_grpc(ctx: Context, server: Server) -> dict[str, Any]:
 def peer(ctx: Context, server: Server, kind: str, open_loop: bool = True) -> dict[str, Any]:
     """Closed-loop levels (+ the shared open-loop rates) against one HTTP server."""
     target = {"kind": kind, "url": server.url, "model": ctx.model.name}
-    runs = server_runs(ctx, target, server, server.name, open_loop=open_loop)
+    open_loop = open_loop and ctx.profile.peer_open_loop
+    levels = ctx.profile.peer_levels
+    runs = server_runs(ctx, target, server, server.name, open_loop=open_loop, levels=levels)
     return {"runs": runs, "server": server_summary(server, runs)}
 
 
@@ -321,18 +329,27 @@ def switch(ctx: Context, server: Server) -> dict[str, Any]:
         "duration_s": p.switch_duration_s,
     }
     target = {"kind": "graft-http", "url": server.url, "model": ctx.model.name}
-    spec = {"target": target, "images": ctx.images(), "runs": [run], "keep_samples": True}
     WORK.mkdir(parents=True, exist_ok=True)
     spec_path, out_path = WORK / "switch.spec.json", WORK / "switch.out.json"
+    started = WORK / "switch.started"
+    started.unlink(missing_ok=True)
+    spec = {
+        "target": {"client": http_client(), **target},
+        "images": ctx.images(),
+        "runs": [run],
+        "keep_samples": True,
+        "started_file": str(started),
+    }
     spec_path.write_text(json.dumps(spec))
     loadgen = subprocess.Popen([ctx.python, "-m", "bench.loadgen", str(spec_path), str(out_path)])
     repository = ModelRepository(_served_root(server))
-    time.sleep(p.warmup_s + p.switch_duration_s * p.switch_at)
+    begin = _wait_for_start(started, loadgen)
+    time.sleep(max(begin + p.warmup_s + p.switch_duration_s * p.switch_at - time.monotonic(), 0))
     published_at = time.monotonic()
     new = repository.publish(ctx.model.path, ctx.model.name)
     if loadgen.wait() != 0:
         raise RuntimeError("the load generator failed during the switch run")
-    result = json.loads(out_path.read_text())[0]
+    result = annotate(json.loads(out_path.read_text())[0], server)
     samples = [Sample(*row) for row in result.pop("samples")]
     analysis = analyze_switch(samples, tuple(result["window"]), published_at, new - 1, new)
     a, b = analysis["switch_window"]
@@ -345,6 +362,15 @@ def switch(ctx: Context, server: Server) -> dict[str, Any]:
         flush=True,
     )
     return {"run": result, **analysis}
+
+
+def _wait_for_start(started: Path, loadgen: subprocess.Popen[bytes]) -> float:
+    """The load generator's start (monotonic), once it has loaded its images."""
+    while not started.exists() or not started.read_text():
+        if loadgen.poll() is not None:
+            raise RuntimeError(f"the load generator exited ({loadgen.returncode}) before starting")
+        time.sleep(0.1)
+    return float(started.read_text())
 
 
 def _served_root(server: Server) -> Path:
