@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 from grpc_reflection.v1alpha import reflection
-from tensorflow_serving.apis import prediction_service_pb2_grpc
+from tensorflow_serving.apis import prediction_service_pb2, prediction_service_pb2_grpc
 
 from service.grpc_classifier import ImageClassifierServicer
 from service.grpc_health import GatewayHealthServicer
@@ -29,7 +29,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CLASSIFIER_SERVICE = classifier_pb2.DESCRIPTOR.services_by_name["ImageClassifier"].full_name
-PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
+# Importing prediction_service_pb2 also registers its file for reflection: the stock
+# *_pb2_grpc module alone does not load it.
+PREDICTION_SERVICE = prediction_service_pb2.DESCRIPTOR.services_by_name[
+    "PredictionService"
+].full_name
 MODEL_SERVICES = (CLASSIFIER_SERVICE, PREDICTION_SERVICE)
 DEFAULT_GRACE_S = 5.0
 

@@ -18,6 +18,7 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
@@ -317,14 +318,20 @@ def test_health_of_the_server_services_and_unknown_names(channel: grpc.Channel) 
     assert health.Check(unknown, timeout=10).status == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def test_reflection_lists_every_service(channel: grpc.Channel) -> None:
-    services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+def test_reflection_lists_and_describes_every_service(channel: grpc.Channel) -> None:
+    database = ProtoReflectionDescriptorDatabase(channel)
     assert {
         "graft.v1.ImageClassifier",
         "tensorflow.serving.PredictionService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
-    } <= services
+    } <= set(database.get_services())
+    # What grpcurl does: rebuild the schema from the server alone.
+    pool = descriptor_pool.DescriptorPool(database)
+    classifier = pool.FindServiceByName("graft.v1.ImageClassifier")
+    assert classifier.FindMethodByName("Classify").input_type.fields_by_name["images"]
+    tf_serving = pool.FindServiceByName("tensorflow.serving.PredictionService")
+    assert {"Predict", "GetModelMetadata", "Classify"} <= {m.name for m in tf_serving.methods}
 
 
 def _predict_request(**spec: Any) -> predict_pb2.PredictRequest:
