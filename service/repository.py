@@ -120,7 +120,7 @@ class ModelRepository:
         """Copy an export into the repository as the next version of `name`; returns it."""
         validate_name(name)
         source = Path(export_dir)
-        draft = _read_export(source)
+        draft = check_export(source)
         model_dir = self._model_dir(name, create=True)
         with self._locked(model_dir):
             version = max(_version_numbers(model_dir), default=0) + 1
@@ -158,6 +158,8 @@ class ModelRepository:
 
     def _model_dir(self, name: str, *, create: bool = False) -> Path:
         model_dir = self.root / validate_name(name)
+        if self.root.exists() and not self.root.is_dir():
+            raise BadRequest(f"the model root {self.root} is not a folder")
         if create and not model_dir.is_dir():
             self.root.mkdir(parents=True, exist_ok=True)
             model_dir.mkdir(exist_ok=True)
@@ -221,7 +223,8 @@ def _listing(versions: list[int]) -> str:
     return f" (available: {', '.join(map(str, versions))})" if versions else " (it has none)"
 
 
-def _read_export(source: Path) -> Manifest:
+def check_export(source: Path) -> Manifest:
+    """The draft manifest of an export folder; BadRequest when it is not one."""
     if not source.is_dir():
         raise BadRequest(f"{source} is not a folder; pass the folder `graft train` exported")
     if not (source / "saved_model.pb").is_file():

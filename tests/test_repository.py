@@ -139,7 +139,10 @@ def test_publishing_something_that_is_not_an_export_is_refused(repo, export_dir,
     (bare / "saved_model.pb").unlink()
     with pytest.raises(BadRequest, match=r"no saved_model\.pb"):
         repo.publish(bare, "flowers")
-    assert repo.models() == []
+    assert not repo.root.exists(), "a refused publish must create nothing"
+    repo.root.write_text("a file")
+    with pytest.raises(BadRequest, match="is not a folder"):
+        repo.publish(export_dir, "flowers")
 
 
 def test_pin_unpin_and_resolve(repo, export_dir):

@@ -16,7 +16,7 @@ import typer
 from service.errors import GraftError, InvalidImage
 from service.manifest import verify_dir
 from service.push import pack_export
-from service.repository import ModelRepository, validate_name
+from service.repository import ModelRepository, check_export, validate_name
 from service.settings import GraftSettings
 from service.validation import check_image
 
@@ -105,6 +105,7 @@ def push(
 def push_archive(export_dir: Path) -> bytes:
     """The tar.gz the service's push endpoint expects, after checking every file against the
     export's draft manifest (so a damaged export fails here, not after the upload)."""
+    check_export(export_dir)
     verify_dir(export_dir)
     return pack_export(export_dir)
 
