@@ -1,6 +1,7 @@
 """Backbones: the offline EfficientNet-Lite0 sees real photos correctly, the registry builds
 flat feature extractors, and the conversion cache makes later builds fast."""
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -138,6 +139,19 @@ def test_keras_application_loads_a_local_weights_file(
     small_backbones[name].save_weights(path)
     reloaded = get_backbone(name).build(weights=path, image_size=SMALL)
     _assert_same_weights(reloaded, small_backbones[name])
+
+
+def test_failed_imagenet_download_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Keras's cache: $KERAS_HOME, else ~/.keras, else /tmp/.keras when home is read-only.
+    homes = [os.environ.get("KERAS_HOME", ""), Path.home() / ".keras", "/tmp/.keras"]
+    cached = [f for h in homes if h for f in Path(h, "models").glob("mobilenet_v2_*_no_top.h5")]
+    if cached:
+        pytest.skip("MobileNetV2 ImageNet weights are already in Keras's cache: no download")
+    # A proxy on a closed port makes Keras's real download fail fast, online or not.
+    for var in ("https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    with pytest.raises(RuntimeError, match=r"MobileNetV2.*offline, use the efficientnet_lite0"):
+        get_backbone("mobilenet_v2").build(weights="imagenet", image_size=SMALL)
 
 
 def test_missing_weights_file_says_what_to_pass(tmp_path: Path) -> None:

@@ -62,7 +62,16 @@ def _keras_application(
         local = _local_weights_file(weights) if weights is not None and not keras_weights else None
         inputs = keras.Input(shape=(size, size, 3), name="pixels")
         x = normalisation()(inputs) if normalisation else inputs
-        base = constructor(include_top=False, weights=keras_weights, input_tensor=x)
+        try:
+            base = constructor(include_top=False, weights=keras_weights, input_tensor=x)
+        except Exception as exc:  # Keras raises a bare Exception when the download fails
+            if keras_weights is None:
+                raise
+            raise RuntimeError(
+                f"cannot load Keras's ImageNet weights for {constructor.__name__}: {exc}. "
+                "Keras downloads them on first use; offline, use the efficientnet_lite0 "
+                "backbone (its weights ship with graft) or pass a local .weights.h5 file"
+            ) from exc
         # Re-wrap the same layers: some applications take their inputs as a list.
         model = keras.Model(inputs, base.output, name=base.name)
         if local is not None:
