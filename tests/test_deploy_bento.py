@@ -112,6 +112,16 @@ def test_bento_container_exposes_both_ports_and_the_model_volume(bento: Bento) -
     )
 
 
+def test_container_entrypoint_refuses_to_start_without_a_model_root(bento: Bento) -> None:
+    entrypoint = bento.path / "src" / "deploy" / "bento" / "entrypoint.sh"
+    env = {**_clean_env(), "BENTO_PATH": str(bento.path)}
+    result = subprocess.run(
+        ["/bin/sh", str(entrypoint)], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode != 0
+    assert "GRAFT_MODEL_ROOT must name the model repository" in result.stderr
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
