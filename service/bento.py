@@ -60,7 +60,13 @@ class MetadataReply(Reply):
     metadata: ModelMetadata | None = None
 
 
-@bentoml.service(name="graft-inference", workers=1, traffic={"timeout": _TIMEOUT_S})
+@bentoml.service(
+    name="graft-inference",
+    workers=1,
+    traffic={"timeout": _TIMEOUT_S},
+    # Its callers are graft's own entry workers, which log every client request already.
+    logging={"access": {"enabled": False}},
+)
 class Inference:
     def __init__(self) -> None:
         repository = ModelRepository(SETTINGS.model_root)
@@ -155,6 +161,17 @@ class _InferenceClient:
             return await call(*args)
 
 
+def _serves_grpc() -> bool:
+    """gRPC runs in the first entry worker only: one port cannot be bound twice (the gRPC
+    server refuses SO_REUSEPORT so that a port clash fails loudly), and every worker's
+    Gateway feeds the same inference batches anyway."""
+    from bentoml._internal.context import server_context
+
+    first_worker = server_context.worker_index in (None, 1)
+    available = importlib.util.find_spec("service.grpc_server") is not None
+    return bool(SETTINGS.grpc_port) and first_worker and available
+
+
 def _current_gateway() -> Gateway:
     return bentoml.get_current_service().gateway
 
@@ -172,7 +189,7 @@ class Graft:
     @bentoml.on_startup
     async def start(self) -> None:
         self._watcher = asyncio.create_task(self.gateway.watch_status())
-        if SETTINGS.grpc_port and importlib.util.find_spec("service.grpc_server") is not None:
+        if _serves_grpc():
             from service.grpc_server import start_grpc_server
 
             self._grpc = await start_grpc_server(self.gateway, SETTINGS)

@@ -25,3 +25,15 @@ def colour_model_root(tmp_path_factory: pytest.TempPathFactory, colour_export):
     root = tmp_path_factory.mktemp("models")
     ModelRepository(root).publish(colour_export, "colours")
     return root
+
+
+@pytest.fixture(scope="session")
+def imagenet_model_root(tmp_path_factory: pytest.TempPathFactory):
+    """A model root holding the ImageNet default (`imagenet` v1), as `graft init-default` makes
+    it. Slow (about a minute of export): share this one. Read-only."""
+    from service.repository import ModelRepository
+    from training.commands_models import create_default_model
+
+    root = tmp_path_factory.mktemp("imagenet")
+    create_default_model(ModelRepository(root))
+    return root

@@ -2,21 +2,34 @@
 
 import base64
 import concurrent.futures
+import io
 import re
+import shutil
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from support.server import running_server
+from support.server import running_server, wait_for_model
 from support.trained import COLOURS, tinted_photo
 
 pytestmark = pytest.mark.slow
 MODEL = "colours"
+CATS = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
 
 
 @pytest.fixture(scope="module")
-def server(colour_model_root):
-    with running_server(colour_model_root, default_model=MODEL, workers=2) as running:
+def model_root(tmp_path_factory, colour_model_root, imagenet_model_root) -> Path:
+    """`colours` (the default here) and the ImageNet default side by side."""
+    root = tmp_path_factory.mktemp("two-models")
+    for source in (colour_model_root, imagenet_model_root):
+        shutil.copytree(source, root, dirs_exist_ok=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(model_root):
+    with running_server(model_root, default_model=MODEL, workers=2) as running:
         yield running
 
 
@@ -73,6 +86,27 @@ def test_tf_serving_rest_predict_matches_classify(http: httpx.Client) -> None:
     assert outputs["label"] == ["blue"]
 
 
+def test_the_imagenet_default_sees_the_cat_in_a_real_photo(server, http: httpx.Client) -> None:
+    from PIL import Image
+    from skimage import data
+
+    wait_for_model(server, "imagenet")
+    buffer = io.BytesIO()
+    Image.fromarray(data.chelsea()).save(buffer, "JPEG", quality=90)
+    photo = buffer.getvalue()
+    response = http.post("/classify", files=_files(photo), data={"model": "imagenet"})
+    assert response.status_code == 200, response.text
+    result = response.json()["results"][0]
+    assert result["label"] in CATS, result["top_k"]
+    assert response.json()["version"] == 1
+
+    rest = http.post("/v1/models/imagenet:predict", json={"instances": [_b64(photo)]}).json()
+    probabilities = rest["predictions"][0]["probabilities"]
+    assert len(probabilities) == 1000
+    assert rest["predictions"][0]["label"] == result["label"]
+    assert max(probabilities) == pytest.approx(result["score"], abs=1e-6)
+
+
 def test_tf_serving_status_and_metadata(http: httpx.Client) -> None:
     status = http.get(f"/v1/models/{MODEL}").json()
     assert status["model_version_status"] == [
@@ -88,29 +122,46 @@ def test_tf_serving_status_and_metadata(http: httpx.Client) -> None:
     assert "serve_pixels" in signatures
 
 
+_RED = base64.b64encode(tinted_photo("red")).decode()
+_JSON = {"content-type": "application/json"}
+BAD_REQUESTS = {
+    "no images": ("POST", "/classify", {"json": {"images": []}}, 400, "bad_request"),
+    "bad base64": ("POST", "/classify", {"json": {"images": [{"b64": "@@"}]}}, 400, "bad_request"),
+    "bad json": ("POST", "/classify", {"content": b"{", "headers": _JSON}, 400, "bad_request"),
+    "html as jpeg": (
+        "POST", "/classify", {"files": [("images", ("a.jpg", b"<html>", "image/jpeg"))]},
+        415, "unsupported_media_type",
+    ),
+    "text body": (
+        "POST", "/classify", {"content": b"x", "headers": {"content-type": "text/plain"}},
+        415, "unsupported_media_type",
+    ),
+    "unknown model": (
+        "POST", "/classify", {"json": {"images": [{"b64": _RED}], "model": "nope"}},
+        404, "not_found",
+    ),
+    "path in model": (
+        "POST", "/classify", {"json": {"images": [{"b64": _RED}], "model": "../etc"}},
+        400, "bad_request",
+    ),
+    "top_k 0": ("POST", "/classify", {"json": {"images": [{"b64": _RED}], "top_k": 0}}, 400,
+                "bad_request"),
+    "unknown version": (
+        "POST", f"/v1/models/{MODEL}/versions/9:predict", {"json": {"instances": [{"b64": _RED}]}},
+        404, "not_found",
+    ),
+    "not tf format": ("POST", f"/v1/models/{MODEL}:predict", {"json": {"rows": []}}, 400,
+                      "bad_request"),
+    "unknown tf model": ("GET", "/v1/models/nope", {}, 404, "not_found"),
+}  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    ("method", "path", "kwargs", "status", "code"),
-    [
-        ("POST", "/classify", {"json": {"images": [], "model": MODEL}}, 400, "bad_request"),
-        ("POST", "/classify", {"json": {"images": [{"b64": "@@"}]}}, 400, "bad_request"),
-        ("POST", "/classify", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "bad_request"),  # noqa: E501
-        ("POST", "/classify", {"files": [("images", ("a.jpg", b"<html>hi</html>", "image/jpeg"))]}, 415, "unsupported_media_type"),  # noqa: E501
-        ("POST", "/classify", {"content": b"x", "headers": {"content-type": "text/plain"}}, 415, "unsupported_media_type"),  # noqa: E501
-        ("POST", "/classify", {"json": {"images": [{"b64": "aGk="}], "model": "nope"}}, 404, "not_found"),  # noqa: E501
-        ("POST", "/classify", {"json": {"images": [{"b64": "aGk="}], "model": "../etc"}}, 400, "bad_request"),  # noqa: E501
-        ("POST", "/classify", {"json": {"images": [{"b64": "aGk="}], "top_k": 0}}, 400, "bad_request"),  # noqa: E501
-        ("POST", f"/v1/models/{MODEL}/versions/9:predict", {"json": {"instances": [{"b64": "aGk="}]}}, 404, "not_found"),  # noqa: E501
-        ("POST", f"/v1/models/{MODEL}:predict", {"json": {"rows": []}}, 400, "bad_request"),
-        ("GET", "/v1/models/nope", {}, 404, "not_found"),
-    ],
+    ("method", "path", "kwargs", "status", "code"), BAD_REQUESTS.values(), ids=BAD_REQUESTS.keys()
 )
 def test_errors_are_data_with_the_right_status(
     http: httpx.Client, method: str, path: str, kwargs: dict, status: int, code: str
 ) -> None:
-    if code == "not_found" and "b64" in str(kwargs):  # a real image, so only the model is wrong
-        kwargs = {"json": {**kwargs["json"], "images": [_b64(tinted_photo("red"))]}}
-        if "instances" in kwargs["json"]:
-            kwargs = {"json": {"instances": kwargs["json"]["images"]}}
     response = http.request(method, path, **kwargs)
     assert response.status_code == status, response.text
     body = response.json()
@@ -136,7 +187,9 @@ def test_bentoml_pickle_bodies_are_refused_on_every_route(http: httpx.Client, pa
 
 def test_management_is_off_without_a_token(http: httpx.Client) -> None:
     for method, path in (("GET", "/models"), ("PUT", f"/models/{MODEL}/policy")):
-        response = http.request(method, path, json={"pin": 1}, headers={"authorization": "Bearer x"})
+        response = http.request(
+            method, path, json={"pin": 1}, headers={"authorization": "Bearer x"}
+        )
         assert response.status_code == 403, response.text
         assert response.json()["error"] == "management_disabled"
 
@@ -149,20 +202,30 @@ def test_health_and_openapi(http: httpx.Client) -> None:
     assert "ClassifyResponse" in spec["components"]["schemas"]
 
 
-def test_concurrent_clients_form_batches_and_metrics_count_them(http: httpx.Client) -> None:
-    """16 concurrent clients: every answer right, and some inference batches hold > 1 image."""
+def test_concurrent_clients_form_batches_and_metrics_count_them(server, http: httpx.Client) -> None:
+    """16 concurrent clients on 2 entry workers: every answer right, some inference batches
+    hold > 1 image, and /metrics from either worker counts every request."""
     photos = {colour: tinted_photo(colour) for colour in COLOURS}
 
-    def one(i: int) -> str:
+    def one(i: int) -> bool:
         colour = COLOURS[i % 3]
-        response = http.post("/classify", files=_files(photos[colour]))
+        # A new connection per request, so the kernel spreads them over both workers.
+        response = httpx.post(f"{server.http}/classify", files=_files(photos[colour]), timeout=60)
         assert response.status_code == 200, response.text
         return response.json()["results"][0]["label"] == colour
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         assert all(pool.map(one, range(160)))
 
-    metrics = http.get("/metrics").text  # served by either worker: multiprocess aggregation
+    log = server.log.read_text(errors="replace")
+    for worker in (1, 2):
+        assert re.search(rf"entry_service:graft:{worker}\].*path=/classify", log), worker
+    scrapes = [httpx.get(f"{server.http}/metrics").text for _ in range(4)]
+    counts = {
+        _histogram(m, "graft_request_duration_seconds", route="/classify")["count"] for m in scrapes
+    }
+    assert len(counts) == 1, f"workers disagree: {counts}"  # one aggregated view
+    metrics = scrapes[0]
     batches = _histogram(metrics, "graft_inference_batch_size", MODEL)
     assert batches["count"] > 0
     assert batches["count"] < batches["sum"], "no inference batch held more than one image"

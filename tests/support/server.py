@@ -94,6 +94,21 @@ def running_server(
         _stop(process)
 
 
+def wait_for_model(server: RunningServer, name: str, timeout_s: float = START_TIMEOUT_S) -> None:
+    """Wait until `name` has an AVAILABLE version (/readyz only waits for the default model)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        response = httpx.get(f"{server.http}/v1/models/{name}", timeout=10)
+        if response.status_code == 200:
+            states = [v["state"] for v in response.json()["model_version_status"]]
+            if "AVAILABLE" in states:
+                return
+        time.sleep(0.5)
+    raise RuntimeError(
+        f"model {name!r} not available after {timeout_s:.0f} s:\n{server.log_tail()}"
+    )
+
+
 def _wait_ready(server: RunningServer, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
