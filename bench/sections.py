@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.config import RESULTS_DIR, Profile
+from bench.config import BENCH_DIR, RESULTS_DIR, Profile
 from bench.meta import CONTENTION_THRESHOLD
 from bench.procs import Server
 from bench.servers import Model
@@ -240,6 +240,8 @@ def peer(ctx: Context, server: Server, kind: str, open_loop: bool = True) -> dic
 def training(ctx: Context) -> dict[str, Any]:
     """Delegates to bench/training_bench.py (owned by the training workstream) in its own
     process, so the minutes of TensorFlow training never share memory with the harness."""
+    if not (BENCH_DIR / "training_bench.py").exists():
+        raise RuntimeError("bench/training_bench.py (the training workstream's) is not there yet")
     code = (
         "import json, sys; from bench.training_bench import run; "
         "json.dump(run(quick=sys.argv[1] == '1'), open(sys.argv[2], 'w'))"
