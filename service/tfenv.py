@@ -69,11 +69,16 @@ class _QuietTensorFlowFinder(importlib.abc.MetaPathFinder):
         return spec
 
 
+_OURS = "GRAFT_QUIET_TENSORFLOW"  # marks a log level graft chose, so child processes filter too
+
+
 def quiet_tensorflow() -> None:
     """Set quiet defaults; a user's own TF_CPP_MIN_LOG_LEVEL always wins."""
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    if "TF_CPP_MIN_LOG_LEVEL" in os.environ or "tensorflow" in sys.modules:
+    user_chose = "TF_CPP_MIN_LOG_LEVEL" in os.environ and _OURS not in os.environ
+    if user_chose or "tensorflow" in sys.modules:
         return
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "1"
+    os.environ[_OURS] = "1"
     if not any(isinstance(f, _QuietTensorFlowFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _QuietTensorFlowFinder())

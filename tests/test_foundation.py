@@ -50,3 +50,16 @@ def test_user_log_level_brings_the_full_log_back() -> None:
         "import training, tensorflow as tf; tf.constant(1) + 1", TF_CPP_MIN_LOG_LEVEL="0"
     )
     assert "cpu_feature_guard" in result.stderr or "cuda" in result.stderr.lower()
+
+
+def test_child_processes_of_graft_filter_too() -> None:
+    """graft sets TF_CPP_MIN_LOG_LEVEL itself; a worker process it spawns must still filter."""
+    code = (
+        "import os, subprocess, sys, training;"
+        "child = 'import service, tensorflow as tf; tf.constant(1)';"
+        "r = subprocess.run([sys.executable, '-c', child],"
+        " capture_output=True, text=True);"
+        "sys.stderr.write(r.stderr)"
+    )
+    result = _python(code)
+    assert "cuda" not in result.stderr.lower()
