@@ -95,6 +95,8 @@ class Stack:
     address: str
     root: Path
     release_late_model: threading.Event
+    gateway: Gateway
+    loop: LoopThread
 
 
 def _free_port() -> int:
@@ -128,7 +130,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     gateway = Gateway(InProcessInference(manager), settings)
     loop = LoopThread()
     server = loop.run(_serve(gateway, settings))
-    stack = Stack(f"127.0.0.1:{settings.grpc_port}", root, release)
+    stack = Stack(f"127.0.0.1:{settings.grpc_port}", root, release, gateway, loop)
     with GrpcClient(stack.address) as client:
         _wait_until(lambda: client.ready(MODEL), "the tiny model to load")
     yield stack
@@ -469,3 +471,12 @@ def test_requests_are_counted_with_protocol_grpc(client: GrpcClient, cat_photo: 
     before = REGISTRY.get_sample_value("graft_request_duration_seconds_count", labels) or 0
     client.classify([cat_photo])
     assert REGISTRY.get_sample_value("graft_request_duration_seconds_count", labels) == before + 1
+
+
+def test_a_busy_port_fails_at_start_with_advice(stack: Stack) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        settings = GraftSettings(host="127.0.0.1", grpc_port=taken.getsockname()[1])
+        with pytest.raises(RuntimeError, match="GRAFT_GRPC_PORT"):
+            stack.loop.run(start_grpc_server(stack.gateway, settings))
