@@ -72,9 +72,11 @@ def test_feature_extractor_feeds_the_same_head(lite0: keras.Model, cache_dir: Pa
 def test_cached_build_is_fast_and_identical(lite0: keras.Model, cache_dir: Path) -> None:
     cached = list(cache_dir.glob("efficientnet_lite0-*.weights.h5"))
     assert len(cached) == 1, "the first build should leave exactly one converted file"
+    written = cached[0].stat().st_mtime_ns
     start = time.perf_counter()
     again = efficientnet_lite0(include_top=True, weights="imagenet")
     seconds = time.perf_counter() - start
+    assert cached[0].stat().st_mtime_ns == written, "the cached file was converted again"
     print(f"efficientnet_lite0 build from cached weights: {seconds:.2f} s")
     assert seconds < 30  # about 1-2 s alone; loose because the CPU is shared
     _assert_same_weights(again, lite0)
