@@ -127,8 +127,12 @@ def open_rates(ctx: Context) -> list[float]:
 
 
 def batch_stats(url: str) -> tuple[float, float]:
-    """(sum, count) of graft_inference_batch_size over every label set, from /metrics."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
+    """(sum, count) of graft_inference_batch_size over every label set, from /metrics;
+    (0, 0) if the server has no such metric (the batch-size column then stays empty)."""
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return 0.0, 0.0
     total = count = 0.0
     for family in text_string_to_metric_families(text):
         if family.name != "graft_inference_batch_size":

@@ -310,3 +310,28 @@ def test_a_missed_target_without_a_written_cause_is_flagged(tmp_path: Path):
     assert t2.met is False and "1.11 x" in t2.figure
     document = f"# B\n{report.BEGIN}\n{report.END}\n"
     assert report.missing_explanations(document, [t2]) == ["T2"]
+
+
+def test_training_targets_are_judged_as_training_bench_reports_them():
+    figures = {
+        "accuracy": 0.99,
+        "targets": {
+            "accuracy >= 98 %": {"met": True, "figure": "99.0 %"},
+            "cache >= 5 x": {"met": False, "figure": "3.2 x"},
+        },
+    }
+    rows = [
+        v
+        for v in verdicts({"training": _section("training", figures=figures)})
+        if v.target_id.startswith("T8")
+    ]
+    assert [(v.target_id, v.met, v.figure) for v in rows] == [
+        ("T8.1", True, "99.0 %"),
+        ("T8.2", False, "3.2 x"),
+    ]
+
+
+def test_a_failed_section_stays_on_one_table_row():
+    failed = _section("kserve", ok=False, error="ServerFailed: exited\nTraceback line\n|pipe")
+    lines = report.runs_table({"kserve": failed})
+    assert len(lines) == 3 and "FAILED: ServerFailed: exited" in lines[2]
