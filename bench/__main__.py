@@ -3,7 +3,9 @@
 Sections (in run order): loadgen, ceiling, graft-http, graft-grpc, switch, graft-nobatch,
 tutorial, kserve, training. Each writes bench/results/<section>.json as soon as it finishes,
 so a partial or failed run keeps what it measured and `--only` re-runs just what is missing.
-`--report-only` re-renders BENCHMARKS.md and the plots from the JSON already there.
+`--resume` finishes an interrupted run; `--report-only` re-renders BENCHMARKS.md and the plots
+from the JSON already there. Figures measured while other work used the CPU are labelled
+"measured under contention" in the report.
 """
 
 import argparse
@@ -48,6 +50,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, help="seconds measured per load run")
     parser.add_argument("--warmup", type=float, help="seconds of warm-up per load run")
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip sections that already have a successful result of the same mode "
+        "(quick or full): finishes an interrupted run",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="only re-render BENCHMARKS.md and plots from bench/results/",
@@ -68,7 +76,25 @@ def _sections(text: str) -> list[str]:
 
 def selected(args: argparse.Namespace) -> list[str]:
     chosen = args.only or [s for s in SECTIONS if not (args.quick and s in QUICK_SKIPS)]
-    return [s for s in SECTIONS if s in chosen and s not in args.skip]
+    chosen = [s for s in SECTIONS if s in chosen and s not in args.skip]
+    if args.resume:
+        kept = [s for s in chosen if _already_done(s, args.quick)]
+        if kept:
+            print(
+                f"[bench] --resume keeps {', '.join(kept)} (delete bench/results/<section>.json "
+                "to measure one again)"
+            )
+        chosen = [s for s in chosen if s not in kept]
+    return chosen
+
+
+def _already_done(section: str, quick: bool) -> bool:
+    """A section measured successfully, in the same mode (quick or full)."""
+    path = RESULTS_DIR / f"{section}.json"
+    if not path.exists():
+        return False
+    data = json.loads(path.read_text())
+    return bool(data.get("ok")) and data["meta"].get("quick") == quick
 
 
 def resolve_model(root: Path, requested: str) -> Model:

@@ -190,7 +190,7 @@ def ceiling(ctx: Context) -> dict[str, Any]:
         "model_dir": str(ctx.model.path),
         "images": ctx.images(),
         "batch_sizes": list(p.ceiling_batches),
-        "warmup_calls": 3,
+        "warmup_calls": 1 if ctx.quick else 3,
         "duration_s": p.ceiling_duration_s,
     }
     rows = _subprocess_json(ctx, "bench.ceiling", spec, "ceiling")
