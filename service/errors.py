@@ -57,6 +57,14 @@ class RejectedModel(GraftError):
     grpc_status = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class InsufficientStorage(GraftError):
+    """The disk under the model repository (or the push scratch space) is full: nothing was
+    published, and the next push works once space is freed."""
+
+    code, http_status = "insufficient_storage", 507
+    grpc_status = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class Overloaded(GraftError):
     code, http_status, grpc_status = "overloaded", 503, grpc.StatusCode.RESOURCE_EXHAUSTED
     retry_after_s = 1

@@ -23,6 +23,7 @@ Layout (what `training.export.export_model` writes), at the archive root or unde
 Make one with `pack_export(export_dir)` or `tar -C EXPORT_DIR -czf model.tar.gz .`.
 """
 
+import errno
 import io
 import os
 import re
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from service.errors import GraftError, RejectedModel
+from service.errors import GraftError, InsufficientStorage, RejectedModel
 from service.manifest import MANIFEST_FILE, Manifest, ManifestError, verify_dir
 from service.repository import ModelRepository, validate_name
 from service.settings import GraftSettings
@@ -110,13 +111,21 @@ def receive_push(
     if isinstance(source, bytes) and len(source) > limits.max_compressed_bytes:
         raise _too_large(limits.max_compressed_bytes)
     stream = io.BytesIO(source) if isinstance(source, bytes) else source
-    with tempfile.TemporaryDirectory(prefix="graft-push-", dir=work_dir) as scratch:
-        export_dir = Path(scratch) / "export"
-        extract_archive(stream, export_dir, limits)
-        check_export(export_dir)
-        if check_model is not None:
-            check_model(export_dir, name)
-        return repository.publish(export_dir, name)
+    try:
+        with tempfile.TemporaryDirectory(prefix="graft-push-", dir=work_dir) as scratch:
+            export_dir = Path(scratch) / "export"
+            extract_archive(stream, export_dir, limits)
+            check_export(export_dir)
+            if check_model is not None:
+                check_model(export_dir, name)
+            return repository.publish(export_dir, name)
+    except OSError as error:
+        if error.errno in _DISK_FULL:
+            raise InsufficientStorage(
+                f"no space left to store the model ({error.strerror}); nothing was published: "
+                "free space under the model root or the temp folder, then push again"
+            ) from None
+        raise
 
 
 def extract_archive(stream: BinaryIO, target: Path, limits: PushLimits) -> None:
@@ -129,6 +138,8 @@ def extract_archive(stream: BinaryIO, target: Path, limits: PushLimits) -> None:
     except GraftError:
         raise
     except (tarfile.TarError, EOFError, zlib.error, OSError, UnicodeError) as error:
+        if isinstance(error, OSError) and error.errno in _DISK_FULL:
+            raise  # our disk, not the caller's archive
         raise RejectedModel(
             f"the upload is not a valid tar.gz ({error}); make one with "
             "`tar -C EXPORT_DIR -czf model.tar.gz .`"
@@ -309,6 +320,7 @@ def _write_file(
 
 
 _EXIT_REJECTED = 3
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _LAYOUT_HINT = (
     "a push holds only saved_model.pb, fingerprint.pb, graft.json, assets/labels.txt and "
     "variables/variables.{index,data-*} (no .h5, .keras, .pkl or other files)"
