@@ -55,7 +55,14 @@ def _ensure_a_model(settings: GraftSettings) -> None:
     from service.repository import ModelRepository
 
     repository = ModelRepository(settings.model_root)
-    if repository.models():
+    if models := repository.models():
+        if settings.default_model not in models:
+            typer.echo(
+                f"warning: the default model {settings.default_model!r} is not in "
+                f"{settings.model_root} (found: {', '.join(models)}); /readyz stays 503 until "
+                "it is published. Choose another with --default-model.",
+                err=True,
+            )
         return
     typer.echo(f"{settings.model_root} holds no model: installing the ImageNet default first")
     from training.commands_models import create_default_model

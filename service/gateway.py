@@ -216,10 +216,12 @@ class Gateway:
                 f"(limit {self._settings.max_queue}); retry after a second"
             )
         self._queued_images += count
+        metrics.IMAGES_IN_FLIGHT.inc(count)
         try:
             yield
         finally:
             self._queued_images -= count
+            metrics.IMAGES_IN_FLIGHT.dec(count)
 
     def _active_version(self, name: str) -> int | None:
         status = self._status.get(name)

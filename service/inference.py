@@ -8,7 +8,7 @@ one, so a single bad image fails only its own item (and so its own request), nev
 
 import time
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -86,7 +86,8 @@ def run_batch(manager: VersionManager, items: list[InferItem]) -> list[InferResu
         group = _run_group(model, [items[i] for i in indices])
         for index, result in zip(indices, group, strict=True):
             results[index] = result
-    return [r for r in results if r is not None]
+    assert all(r is not None for r in results)  # every index belongs to exactly one group
+    return cast(list[InferResult], results)
 
 
 def _run_group(model: "LoadedModel", items: list[InferItem]) -> list[InferResult]:

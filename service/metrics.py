@@ -57,6 +57,11 @@ ACTIVE_VERSION = Gauge(
     ["model"],
     multiprocess_mode="livemostrecent",
 )
+IMAGES_IN_FLIGHT = Gauge(
+    "graft_images_in_flight",
+    "Images admitted by the gateway and not answered yet (bounded by GRAFT_MAX_QUEUE).",
+    multiprocess_mode="livesum",
+)
 MODEL_LOADS = Counter(
     "graft_model_loads_total",
     "Model version loads by outcome (loaded / failed).",

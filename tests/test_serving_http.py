@@ -238,6 +238,7 @@ def test_concurrent_clients_form_batches_and_metrics_count_them(server, http: ht
     assert re.search(rf'graft_model_active_version{{model="{MODEL}"}} 1\.0', metrics)
     assert re.search(rf'graft_model_loads_total{{model="{MODEL}",outcome="loaded"}} 1\.0', metrics)
     assert re.search(r'graft_requests_rejected_total{reason="[a-z_]+"} [1-9]', metrics)
+    assert "graft_images_in_flight 0.0" in metrics  # every admitted image was answered
 
 
 def _histogram(text: str, name: str, model: str | None = None, route: str | None = None) -> dict:
