@@ -68,7 +68,7 @@ QUICK = Profile(
     ceiling_batches=(1, 32),
     ceiling_duration_s=2.0,
     open_fractions=(0.5,),
-    switch_duration_s=14.0,
+    switch_duration_s=18.0,
     peer_levels=(16,),  # what the targets compare; keeps --quick under 3 minutes
     peer_open_loop=False,
 )

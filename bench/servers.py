@@ -1,15 +1,20 @@
 """How to start each server under test, all serving the same SavedModel on loopback."""
 
+import base64
+import json
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+
 from bench.config import BENCH_DIR, KSERVE_PYTHON, RESULTS_DIR, VENV_BIN
 from bench.images import REPO_ROOT
 from bench.procs import Server, free_port, http_ok, serve
+from bench.targets import multipart
 
 
 @dataclass(frozen=True)
@@ -22,6 +27,32 @@ class Model:
     backbone: str
     image_size: int
     classes: int
+
+
+def _probe_jpeg() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (90, 140, 60)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def primed(health_url: str, predict_url: str, body: bytes, content_type: str) -> Callable[[], bool]:
+    """Ready = healthy AND one real prediction answered. The peers load the model lazily enough
+    that their first call traces and optimises the graph (seconds); graft does that before
+    /readyz turns true, so without this the peers' first measured requests would pay it."""
+
+    def ready() -> bool:
+        if httpx.get(health_url, timeout=5).status_code != 200:
+            return False
+        headers = {"content-type": content_type}
+        return (
+            httpx.post(predict_url, content=body, headers=headers, timeout=120).status_code == 200
+        )
+
+    return ready
 
 
 def _python() -> str:
@@ -69,11 +100,12 @@ def tutorial(model: Model) -> Iterator[Server]:
     cmd = [_python(), "-m", "uvicorn", "bench.peers.tutorial_app:app", "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--no-access-log"]
     url = f"http://127.0.0.1:{port}"
+    body, content_type = multipart({}, "file", _probe_jpeg())
     with serve(
         "tutorial",
         cmd,
         env={"MODEL_DIR": str(model.path)},
-        ready=http_ok(f"{url}/healthz"),
+        ready=primed(f"{url}/healthz", f"{url}/predict", body, content_type),
         url=url,
         log_dir=RESULTS_DIR / "logs",
         cwd=REPO_ROOT,
@@ -94,11 +126,13 @@ def kserve(model: Model) -> Iterator[Server]:
     cmd = [str(KSERVE_PYTHON), "-m", "bench.peers.kserve_model", "--model_dir", str(model.path)]
     cmd += ["--model_name", model.name, "--http_port", str(port)]
     url = f"http://127.0.0.1:{port}"
+    model_url = f"{url}/v1/models/{model.name}"
+    body = json.dumps({"instances": [{"b64": base64.b64encode(_probe_jpeg()).decode()}]})
     with serve(
         "kserve",
         cmd,
         env={},
-        ready=http_ok(f"{url}/v1/models/{model.name}"),
+        ready=primed(model_url, f"{model_url}:predict", body.encode(), "application/json"),
         url=url,
         log_dir=RESULTS_DIR / "logs",
         cwd=REPO_ROOT,

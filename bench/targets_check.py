@@ -25,7 +25,8 @@ def closed(results: Results, section: str, concurrency: int) -> dict[str, Any] |
     if not data or not data.get("ok"):
         return None
     for run in data.get("runs", []):
-        if run["mode"] == "closed" and run["concurrency"] == concurrency:
+        # a run in which no request even started inside the window measured nothing
+        if run["mode"] == "closed" and run["concurrency"] == concurrency and run["requests"]:
             return run
     return None
 

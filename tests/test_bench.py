@@ -300,6 +300,7 @@ def test_a_missed_target_without_a_written_cause_is_flagged(tmp_path: Path):
         "throughput_ips": 10.0,
         "contended": False,
         "latency_ms": {"p50": 1.0, "p95": 1.0, "p99": 1.0},
+        "requests": 200,
         "errors": 0,
     }
     results = {
@@ -310,6 +311,29 @@ def test_a_missed_target_without_a_written_cause_is_flagged(tmp_path: Path):
     assert t2.met is False and "1.11 x" in t2.figure
     document = f"# B\n{report.BEGIN}\n{report.END}\n"
     assert report.missing_explanations(document, [t2]) == ["T2"]
+
+
+def test_a_run_where_nothing_completed_is_not_a_win():
+    run = {
+        "mode": "closed",
+        "concurrency": 16,
+        "throughput_ips": 0.0,
+        "requests": 0,
+        "latency_ms": {"p50": None, "p95": None, "p99": None},
+        "errors": 0,
+    }
+    graft_run = {
+        **run,
+        "throughput_ips": 10.0,
+        "requests": 200,
+        "latency_ms": {"p50": 1.0, "p95": 1.0, "p99": 1.0},
+    }
+    results = {
+        "graft-http": _section("graft-http", runs=[graft_run]),
+        "tutorial": _section("tutorial", runs=[run]),
+    }
+    [t3] = [v for v in verdicts(results) if v.target_id == "T3"]
+    assert t3.met is None and "not measured" in t3.figure
 
 
 def test_training_targets_are_judged_as_training_bench_reports_them():
