@@ -5,6 +5,7 @@ and concurrent HTTP and gRPC requests must land in the same inference batches.
 """
 
 import base64
+import contextlib
 import io
 import threading
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from tensorflow_serving.apis import (
 )
 
 from service import errors
+from service.client import GraftClient
 from service.grpc_client import GrpcClient
 
 MODEL = "colours"
@@ -49,7 +51,7 @@ def channel(server: RunningServer) -> Iterator[grpc.Channel]:
 @pytest.fixture(scope="module")
 def client(server: RunningServer) -> Iterator[GrpcClient]:
     assert server.grpc_target is not None
-    with GrpcClient(server.grpc_target) as open_client:
+    with GraftClient.grpc(server.grpc_target) as open_client:
         yield open_client
 
 
@@ -174,17 +176,29 @@ def _fire_together(calls: list[Callable[[], object]]) -> None:
     assert not failures, failures
 
 
+def _http_burst_call(server: RunningServer, photo: bytes) -> None:
+    body = {"images": [{"b64": base64.b64encode(photo).decode()}]}
+    response = httpx.post(f"{server.http}/classify", json=body, timeout=60)
+    # 503: the batcher shed load on this contended machine; not what this test is about.
+    assert response.status_code in (200, 503), response.text
+
+
+def _grpc_burst_call(client: GrpcClient, photo: bytes) -> None:
+    with contextlib.suppress(errors.Overloaded):  # as for HTTP's 503 above
+        client.classify([photo])
+
+
 def test_http_and_grpc_requests_share_inference_batches(
     server: RunningServer, client: GrpcClient, photo: bytes
 ) -> None:
-    calls: list[Callable[[], object]] = [lambda: _http_classify(server, photo)] * PER_PROTOCOL
-    calls += [lambda: client.classify([photo])] * PER_PROTOCOL
+    calls: list[Callable[[], object]] = [lambda: _http_burst_call(server, photo)] * PER_PROTOCOL
+    calls += [lambda: _grpc_burst_call(client, photo)] * PER_PROTOCOL
     before = _mixed_batches(server)
-    for _ in range(5):  # batching is adaptive: a burst usually, not always, merges
+    for _ in range(10):  # batching is adaptive: a burst usually, not always, merges
         _fire_together(calls)
         if _mixed_batches(server) > before:
             return
-    pytest.fail(f"no batch mixed HTTP and gRPC images in 5 bursts:\n{server.log_tail()}")
+    pytest.fail(f"no batch mixed HTTP and gRPC images in 10 bursts:\n{server.log_tail()}")
 
 
 def test_grpc_requests_are_counted_with_protocol_grpc(
