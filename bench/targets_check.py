@@ -175,22 +175,48 @@ def t7_switch(results: Results) -> Verdict:
     )
 
 
+# (id, target, path into bench/training_bench.py's figures, threshold, higher is better, unit)
+TRAINING_TARGETS = (
+    ("T8.1", "training: test accuracy >= 98 %", ("default", "accuracy"), 0.98, True, ""),
+    ("T8.2", "training: macro-F1 >= 0.97", ("default", "macro_f1"), 0.97, True, ""),
+    ("T8.3", "training: whole `graft train` <= 15 min", ("default", "wall_s"), 900.0, False, " s"),
+    (
+        "T8.4",
+        "few-shot (--max-per-class 10): accuracy >= 85 %",
+        ("few_shot_10", "accuracy"),
+        0.85,
+        True,
+        "",
+    ),
+    (
+        "T8.5",
+        "phase-1 epoch with the feature cache >= 5 x faster",
+        ("phase1_epoch_speedup",),
+        5.0,
+        True,
+        " x",
+    ),
+)
+
+
+def _dig(figures: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        figures = figures.get(key) if isinstance(figures, dict) else None
+    return figures
+
+
 def t8_training(results: Results) -> list[Verdict]:
-    """The training issue's targets, as bench/training_bench.py judged them: its result may
-    carry {"targets": {name: {"met": bool, "figure": str}}}; otherwise one row points at the
-    training table."""
-    target = "training: accuracy >= 98 %, <= 15 min, feature cache >= 5 x (training issue)"
+    """The training issue's targets, judged on bench/training_bench.py's figures."""
     data = results.get("training")
-    if not data or not data.get("ok"):
-        return [_missing("T8", target, "training")]
-    judged = data["figures"].get("targets")
-    if not isinstance(judged, dict) or not judged:
-        return [Verdict("T8", target, "see the training table", None)]
-    return [
-        Verdict(f"T8.{i}", name, str(v.get("figure", "")), v.get("met"))
-        for i, (name, v) in enumerate(judged.items(), start=1)
-        if isinstance(v, dict)
-    ]
+    rows = []
+    for tid, target, path, threshold, higher, unit in TRAINING_TARGETS:
+        value = _dig(data["figures"], path) if data and data.get("ok") else None
+        if not isinstance(value, int | float):
+            rows.append(_missing(tid, target, "training" if not data else ".".join(path)))
+            continue
+        met = value >= threshold if higher else value <= threshold
+        rows.append(Verdict(tid, target, f"{value:g}{unit}", met))
+    return rows
 
 
 CHECKS: tuple[Callable[[Results], Verdict], ...] = (
