@@ -144,7 +144,8 @@ def main(argv: list[str]) -> int:
                 "bench.loadgen",
                 str(spec_path),
                 str(work / "loadgen.out.json"),
-            ]
+            ],
+            cwd=REPO_ROOT,
         )
         time.sleep(args.warmup)
         record(server.process.pid, args.duration, "raw", raw)

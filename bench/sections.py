@@ -16,6 +16,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.config import BENCH_DIR, RESULTS_DIR, Profile
+from bench.images import REPO_ROOT
 from bench.meta import CONTENTION_THRESHOLD
 from bench.procs import Server
 from bench.servers import Model
@@ -43,6 +44,7 @@ def _subprocess_json(ctx: Context, module: str, spec: dict[str, Any], tag: str) 
     out_path.unlink(missing_ok=True)
     done = subprocess.run(
         [ctx.python, "-m", module, str(spec_path), str(out_path)],
+        cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         check=False,
@@ -254,7 +256,7 @@ def training(ctx: Context) -> dict[str, Any]:
     WORK.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
     done = subprocess.run(
-        [ctx.python, "-c", code, "1" if ctx.quick else "0", str(out)], check=False
+        [ctx.python, "-c", code, "1" if ctx.quick else "0", str(out)], cwd=REPO_ROOT, check=False
     )
     if done.returncode != 0:
         raise RuntimeError(f"bench.training_bench.run failed (exit {done.returncode})")
@@ -347,7 +349,9 @@ def switch(ctx: Context, server: Server) -> dict[str, Any]:
         "started_file": str(started),
     }
     spec_path.write_text(json.dumps(spec))
-    loadgen = subprocess.Popen([ctx.python, "-m", "bench.loadgen", str(spec_path), str(out_path)])
+    loadgen = subprocess.Popen(
+        [ctx.python, "-m", "bench.loadgen", str(spec_path), str(out_path)], cwd=REPO_ROOT
+    )
     repository = ModelRepository(_served_root(server))
     begin = _wait_for_start(started, loadgen)
     time.sleep(max(begin + p.warmup_s + p.switch_duration_s * p.switch_at - time.monotonic(), 0))
