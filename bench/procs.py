@@ -137,6 +137,7 @@ class Server:
     url: str
     grpc_address: str | None = None
     startup_s: float = 0.0
+    ready_at: float = 0.0  # time.monotonic() when it turned ready
 
 
 def _log_tail(log: Path, lines: int = 25) -> str:
@@ -216,7 +217,14 @@ def serve(
     try:
         wait_ready(process, ready, log, timeout_s)
         yield Server(
-            name, process, log, sampler, url, grpc_address, startup_s=time.monotonic() - started
+            name,
+            process,
+            log,
+            sampler,
+            url,
+            grpc_address,
+            startup_s=time.monotonic() - started,
+            ready_at=time.monotonic(),
         )
     finally:
         sampler.stop()

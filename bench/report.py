@@ -208,7 +208,11 @@ def memory_table(results: Results) -> list[str]:
         server = results.get(name, {}).get("server")
         if not server:
             continue
-        for state, key in (("idle, one model", "memory_idle"), ("under load", "memory_under_load")):
+        for state, key in (
+            ("starting (model load, warm-up)", "memory_startup"),
+            ("ready, idle, one model", "memory_idle"),
+            ("under load", "memory_under_load"),
+        ):
             m = server.get(key) or {}
             lines.append(
                 f"| {label} | {state} | {_f(m.get('rss_mib'), 0)} | {_f(m.get('pss_mib'), 0)} |"

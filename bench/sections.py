@@ -165,7 +165,8 @@ def server_summary(server: Server, runs: list[dict[str, Any]]) -> dict[str, Any]
     first = min((r["window"][0] for r in runs), default=float("inf"))
     return {
         "startup_s": server.startup_s,
-        "memory_idle": server.sampler.peak(0.0, first),
+        "memory_startup": server.sampler.peak(0.0, server.ready_at),
+        "memory_idle": server.sampler.peak(server.ready_at, first),
         "memory_under_load": server.sampler.peak(first),
     }
 
