@@ -7,6 +7,7 @@ classified, an EXIF-rotated photo like the upright one, and model pushes must be
 """
 
 import base64
+import concurrent.futures
 import io
 import re
 import socket
@@ -409,6 +410,25 @@ def test_a_good_push_is_published_and_served(
     assert response.status_code == 201, response.text
     assert response.json()["version"] == 1
     assert ModelRepository(model_root).versions("pushed") == [1]
+
+
+def test_concurrent_pushes_get_distinct_complete_versions(
+    server: RunningServer, model_root: Path, colour_export: Path
+) -> None:
+    archive = pack_export(colour_export)
+
+    def one(_: int) -> httpx.Response:
+        url = f"{server.http}/models/racing/versions"
+        return httpx.post(url, content=archive, headers=AUTH, timeout=240)
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        responses = list(pool.map(one, range(3)))
+    assert [r.status_code for r in responses] == [201] * 3, [r.text for r in responses]
+    assert sorted(r.json()["version"] for r in responses) == [1, 2, 3]
+    repository = ModelRepository(model_root)
+    assert repository.versions("racing") == [1, 2, 3]
+    for version in (1, 2, 3):
+        repository.verify("racing", version)
 
 
 # -- and afterwards -----------------------------------------------------------------------------
