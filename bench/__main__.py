@@ -50,6 +50,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, help="seconds measured per load run")
     parser.add_argument("--warmup", type=float, help="seconds of warm-up per load run")
     parser.add_argument(
+        "--graft-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="setting for every graft server started, e.g. GRAFT_MAX_LATENCY_MS=5000 "
+        "(repeatable; recorded in each result's command line): for before/after comparisons",
+    )
+    parser.add_argument(
         "--resume",
         action="store_true",
         help="skip sections that already have a successful result of the same mode "
@@ -225,11 +233,13 @@ def plan(ctx: Context, chosen: list[str]) -> Iterator[tuple[str, Callable[[Runne
         ),
         "ceiling": lambda r: r.one("ceiling", lambda: sections.ceiling(ctx)),
         "graft-http": lambda r: r.with_server(
-            graft_names, lambda: servers.graft(model, "graft"), graft_measures
+            graft_names, lambda: servers.graft(model, "graft", ctx.graft_env), graft_measures
         ),
         "graft-nobatch": lambda r: r.with_server(
             ["graft-nobatch"],
-            lambda: servers.graft(model, "graft-nobatch", {"GRAFT_MAX_BATCH_SIZE": "1"}),
+            lambda: servers.graft(
+                model, "graft-nobatch", {**ctx.graft_env, "GRAFT_MAX_BATCH_SIZE": "1"}
+            ),
             {"graft-nobatch": lambda s: sections.peer(ctx, s, "graft-http", open_loop=False)},
         ),
         "tutorial": lambda r: r.with_server(
@@ -268,7 +278,8 @@ def main(argv: list[str]) -> int:
         flush=True,
     )
     python = str(VENV_BIN / "python") if (VENV_BIN / "python").exists() else sys.executable
-    ctx = Context(profile, args.quick, model, data_dir(), python)
+    graft_env = dict(item.split("=", 1) for item in args.graft_env)
+    ctx = Context(profile, args.quick, model, data_dir(), python, graft_env)
     if not ctx.images_dir.is_dir():
         print(f"benchmark images not found at {ctx.images_dir}: set GRAFT_BENCH_DATA")
         return 2

@@ -8,7 +8,7 @@ import json
 import os
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ class Context:
     model: Model
     images_dir: Path
     python: str  # the venv interpreter that runs the load generator and the ceiling
+    graft_env: dict[str, str] = field(default_factory=dict)  # extra GRAFT_* for graft servers
 
     def images(self) -> dict[str, Any]:
         return {"dir": str(self.images_dir), "count": self.profile.images}
