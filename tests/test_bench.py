@@ -360,3 +360,19 @@ def test_a_failed_section_stays_on_one_table_row():
     failed = _section("kserve", ok=False, error="ServerFailed: exited\nTraceback line\n|pipe")
     lines = report.runs_table({"kserve": failed})
     assert len(lines) == 3 and "FAILED: ServerFailed: exited" in lines[2]
+
+
+def test_profile_summary_attributes_samples_to_the_innermost_process(tmp_path: Path):
+    from bench.profile import summarize
+
+    raw = tmp_path / "raw.txt"
+    raw.write_text(
+        'process 1:"graft serve";process 2:"python -m w --service-name graft-inference";'
+        "run (a.py:1);infer (b.py:2) 30\n"
+        'process 1:"graft serve";process 3:"python -m w --service-name graft";'
+        "run (a.py:1);parse (c.py:3) 10\n"
+        "garbage line without a count\n"
+    )
+    text = summarize(raw)
+    assert "'graft-inference': 30" in text and "'graft': 10" in text
+    assert "| 100.0 | `infer (b.py:2)` |" in text
