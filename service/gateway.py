@@ -153,6 +153,8 @@ class Gateway:
     ) -> Prediction:
         validate_name(name)
         images = self._validated(images)
+        if deadline is None:  # one deadline for the whole request, retry included
+            deadline = time.monotonic() + self._settings.request_timeout_s
         resolved = version if version is not None else self._active_version(name)
         with self._admitted(len(images)):
             results = await self._infer(images, name, resolved, deadline, protocol)
