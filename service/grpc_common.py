@@ -25,6 +25,7 @@ ERROR_CODE_KEY = "graft-error-code"
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 DEFAULT_TOP_K = 5
+DEADLINE_MARGIN_S = 0.05
 PROTOCOL = "grpc"
 
 
@@ -54,9 +55,12 @@ async def guarded(context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
-    """The client's deadline as a time.monotonic() instant, or None when it set none."""
+    """The client's deadline as a time.monotonic() instant, or None when it set none.
+
+    Brought forward by DEADLINE_MARGIN_S so the Gateway gives up first and the client gets
+    graft's DEADLINE_EXCEEDED with its advice, rather than a bare cancellation."""
     remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
+    return None if remaining is None else time.monotonic() + remaining - DEADLINE_MARGIN_S
 
 
 @contextmanager
