@@ -41,7 +41,7 @@ def make_dataset(
 ) -> Path:
     """root/<shape>/<i>.<ext>, cycling through JPEG, PNG, BMP and GIF."""
     rng = np.random.default_rng(seed)
-    for name in classes:
+    for name in per_class if isinstance(per_class, dict) else classes:
         count = per_class[name] if isinstance(per_class, dict) else per_class
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)

@@ -24,9 +24,9 @@ if TYPE_CHECKING:
     from training.progress import Reporter
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
-DEFAULT_IMAGE_SIZE = 224
+DEFAULT_IMAGE_SIZE = 160
 DEFAULT_EPOCHS = 15
-DEFAULT_FINE_TUNE_EPOCHS = 3
+DEFAULT_FINE_TUNE_EPOCHS = 8
 DEFAULT_BATCH_SIZE = 32
 
 
@@ -52,7 +52,7 @@ def _default_report_dir(name: str, what: str) -> Path:
 def _scan(data_dir: Path, work_dir: Path, reporter: Reporter, *, for_training: bool) -> Dataset:
     from training.data import scan
 
-    with reporter.task("scan") as task:
+    with reporter.task("scan", transient=True) as task:
         dataset = scan(
             data_dir,
             work_dir,
@@ -262,19 +262,21 @@ def run_evaluate(
     reporter = Reporter(quiet)
     repository = ModelRepository(model_root)
     resolved = repository.resolve(name, version)
-    repository.verify(name, resolved)
-    version_dir = repository.version_dir(name, resolved)
+    labels = repository.verify(name, resolved).labels
     with tempfile.TemporaryDirectory(prefix="graft-evaluate-") as tmp:
         dataset = _scan(data_dir, Path(tmp), reporter, for_training=False)
-        probabilities, labels = predict_saved_model(
+        unknown = sorted(set(dataset.classes) - set(labels))
+        if unknown:
+            raise DataError(
+                f"class folder(s) {', '.join(unknown)} are not labels of {name} v{resolved} "
+                f"(its labels: {', '.join(labels)})"
+            )
+        version_dir = repository.version_dir(name, resolved)
+        probabilities, model_labels = predict_saved_model(
             version_dir, dataset.samples, batch_size, reporter
         )
-    unknown = sorted(set(dataset.classes) - set(labels))
-    if unknown:
-        raise DataError(
-            f"class folder(s) {', '.join(unknown)} are not labels of {name} v{resolved} "
-            f"(its labels: {', '.join(labels)})"
-        )
+    if model_labels != labels:
+        raise DataError(f"{version_dir}: assets/labels.txt disagrees with graft.json's labels")
     y_true = np.array([labels.index(dataset.classes[s.label]) for s in dataset.samples])
     metrics = classification_metrics(y_true, probabilities, labels)
     report_dir = report_dir or _default_report_dir(name, f"v{resolved}-evaluate")

@@ -151,6 +151,8 @@ def _decodable(paths: Sequence[Path], on_progress: Callable[[int], None] | None)
         with tf.control_dependencies([tf.debugging.assert_positive(tf.size(image))]):
             return tf.identity(index)
 
+    if not paths:
+        return set()
     ds = tf.data.Dataset.from_tensor_slices((list(range(len(paths))), [str(p) for p in paths]))
     ds = ds.map(probe, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
     ok: set[int] = set()
@@ -290,7 +292,7 @@ def split(
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
         raise DataError(f"split fractions val={val}, test={test} must be >= 0 and sum to < 1")
     if max_per_class is not None and max_per_class < 1:
-        raise DataError(f"--max-per-class must be >= 1, got {max_per_class}")
+        raise DataError(f"--max-per-class must be at least 1, got {max_per_class}")
     by_class: list[list[Sample]] = [[] for _ in dataset.classes]
     for sample in dataset.samples:
         by_class[sample.label].append(sample)

@@ -1,12 +1,16 @@
 """Two-phase transfer learning.
 
-Phase 1 trains the head on a frozen backbone. The frozen part's pooled output for an image
-never changes (BatchNorm runs in inference mode), so by default it is computed once per
-augmented view and the head is trained on those cached features: the maths of an epoch is the
-same, the backbone forward pass is paid once instead of every epoch.
+Phase 1 trains the head on a frozen backbone; phase 2 unfreezes the top N layers of the
+backbone (BatchNorm stays frozen), recompiles at a low learning rate and fine-tunes, starting
+from the phase-1 head.
 
-Phase 2 unfreezes the top N layers of the backbone (BatchNorm stays frozen), recompiles at a
-low learning rate and fine-tunes the whole model on pixels, starting from the phase-1 head.
+The frozen part's output for an image never changes (BatchNorm runs in inference mode), so by
+default it is computed ONCE per augmented view: the activation entering the top N layers is
+cached, phase 1 trains the head on pool(top(cached)) and phase 2 trains top + head on the
+cached activations. Every epoch does the same maths as on pixels, without paying the frozen
+layers' forward pass again. When the cut cannot be cached (several tensors cross it, or it
+would not fit ACTIVATION_CACHE_BYTES), phase 1 still caches pooled features and phase 2
+runs on pixels.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ import numpy as np
 import tensorflow as tf
 
 from training.data import Sample, class_weights, image_dataset
-from training.model import Classifier, unfreeze_top
+from training.model import Classifier, cut_base, unfreeze_top
 from training.progress import Reporter
+
+ACTIVATION_CACHE_BYTES = 2 * 1024**3
 
 
 @dataclass
@@ -138,41 +144,99 @@ def _compile(model: keras.Model, learning_rate: float) -> None:
     )
 
 
-def extract_features(
-    classifier: Classifier,
-    dataset: tf.data.Dataset,
-    reporter: Reporter,
-    description: str,
-    steps: int,
+@dataclass
+class Cached:
+    """Outputs of a frozen model, computed once: train [views, n, ...] and val [n, ...]."""
+
+    train: np.ndarray
+    train_labels: np.ndarray
+    val: np.ndarray | None
+    val_labels: np.ndarray | None
+    seconds: float = 0.0
+
+
+def _run(
+    forward: Callable, dataset: tf.data.Dataset, reporter: Reporter, description: str, steps: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One pass of the frozen backbone + pooling over a (pixels, labels) dataset."""
-    forward = classifier.predict_features
-    features, labels = [], []
+    outputs, labels = [], []
     with reporter.task(description, steps) as task:
-        for pixels, y in dataset:
-            features.append(forward(pixels).numpy())
+        for x, y in dataset:
+            outputs.append(forward(x).numpy())
             labels.append(y.numpy())
             task.advance()
-    return np.concatenate(features), np.concatenate(labels)
+    return np.concatenate(outputs), np.concatenate(labels)
+
+
+def extract(
+    frozen: keras.Model,
+    classifier: Classifier,
+    train: Sequence[Sample],
+    val: Sequence[Sample],
+    config: FitConfig,
+    augment: Callable | None,
+    reporter: Reporter,
+) -> Cached:
+    """One pass of `frozen` (inference mode) per augmented view of the training images, and
+    one over the validation images."""
+    start = time.perf_counter()
+    forward = tf.function(lambda x: frozen(x, training=False), reduce_retracing=True)
+    views = config.views if augment is not None else 1
+    size, classes = classifier.image_size, classifier.head.output_shape[-1]
+    per_view = []
+    for view in range(views):
+        ds = image_dataset(
+            train, size, batch_size=config.batch_size, num_classes=classes, augment=augment
+        )
+        label = f"cache {view + 1}/{views}" if views > 1 else "cache"
+        per_view.append(_run(forward, ds, reporter, label, _steps(len(train), config.batch_size)))
+    val_x = val_y = None
+    if val:
+        ds = image_dataset(val, size, batch_size=config.batch_size, num_classes=classes)
+        steps = _steps(len(val), config.batch_size)
+        val_x, val_y = _run(forward, ds, reporter, "cache (val)", steps)
+    train_x = np.stack([x for x, _ in per_view])
+    return Cached(train_x, per_view[0][1], val_x, val_y, time.perf_counter() - start)
+
+
+def _map_cached(cached: Cached, fn: Callable, batch_size: int) -> Cached:
+    """Apply a cheap model (top + pool) to cached activations, batch by batch."""
+    forward = tf.function(lambda x: fn(x, training=False), reduce_retracing=True)
+
+    def apply(array: np.ndarray) -> np.ndarray:
+        parts = [
+            forward(array[i : i + batch_size]).numpy() for i in range(0, len(array), batch_size)
+        ]
+        return np.concatenate(parts)
+
+    train = np.stack([apply(view) for view in cached.train])
+    val = apply(cached.val) if cached.val is not None else None
+    return Cached(train, cached.train_labels, val, cached.val_labels, cached.seconds)
 
 
 def _steps(n: int, batch_size: int) -> int:
     return max(1, math.ceil(n / batch_size))
 
 
-def _cached_train_dataset(features: np.ndarray, labels: np.ndarray, config: FitConfig) -> tuple:
-    """features: [views, n, D]. One view: the same shuffled finite epochs as the pixel path.
-    Several views: a pool of views*n, reshuffled and repeated, cut into epochs of n examples,
-    so an epoch sees as many (augmented) examples as an uncached epoch does."""
-    views, n = features.shape[:2]
+def _cached_train_dataset(cached: Cached, config: FitConfig) -> tuple:
+    """One view: the same shuffled finite epochs as the pixel path. Several views: a pool of
+    views*n, reshuffled and repeated, cut into epochs of n examples, so an epoch sees as many
+    (augmented) examples as an uncached epoch does."""
+    views, n = cached.train.shape[:2]
+    labels = cached.train_labels
     if views == 1:
-        ds = tf.data.Dataset.from_tensor_slices((features[0], labels))
+        ds = tf.data.Dataset.from_tensor_slices((cached.train[0], labels))
         ds = ds.shuffle(n, seed=config.seed, reshuffle_each_iteration=True).batch(config.batch_size)
         return ds.prefetch(tf.data.AUTOTUNE), None
-    pool = (features.reshape(views * n, -1), np.tile(labels, (views, 1)))
+    pool = (cached.train.reshape(views * n, *cached.train.shape[2:]), np.tile(labels, (views, 1)))
     ds = tf.data.Dataset.from_tensor_slices(pool)
     ds = ds.shuffle(views * n, seed=config.seed, reshuffle_each_iteration=True).repeat()
     return ds.batch(config.batch_size).prefetch(tf.data.AUTOTUNE), _steps(n, config.batch_size)
+
+
+def _cached_val_dataset(cached: Cached, batch_size: int) -> tf.data.Dataset | None:
+    if cached.val is None:
+        return None
+    return tf.data.Dataset.from_tensor_slices((cached.val, cached.val_labels)).batch(batch_size)
 
 
 def _fit(
@@ -198,50 +262,36 @@ def _fit(
     return {k: [float(v) for v in values] for k, values in history.history.items()}
 
 
-def train_head_cached(
-    classifier: Classifier,
+def train_cached(
+    model: keras.Model,
+    cached: Cached,
     train: Sequence[Sample],
-    val: Sequence[Sample],
     config: FitConfig,
-    augment: Callable | None,
     reporter: Reporter,
+    *,
+    phase: int,
+    epochs: int,
+    learning_rate: float,
 ) -> PhaseResult:
-    """Phase 1 on cached pooled features."""
+    """Fit `model` (whose input is what `cached` holds) on the cached arrays."""
     start = time.perf_counter()
-    views = config.views if augment is not None else 1
-    size, classes = classifier.image_size, classifier.head.output_shape[-1]
-    train_steps = _steps(len(train), config.batch_size)
-    per_view = []
-    for view in range(views):
-        ds = image_dataset(
-            train, size, batch_size=config.batch_size, num_classes=classes, augment=augment
-        )
-        label = f"features {view + 1}/{views}" if views > 1 else "features"
-        per_view.append(extract_features(classifier, ds, reporter, label, train_steps))
-    train_features = np.stack([f for f, _ in per_view])
-    val_ds = None
-    if val:
-        ds = image_dataset(val, size, batch_size=config.batch_size, num_classes=classes)
-        val_x, val_y = extract_features(
-            classifier, ds, reporter, "features (val)", _steps(len(val), config.batch_size)
-        )
-        val_ds = tf.data.Dataset.from_tensor_slices((val_x, val_y)).batch(config.batch_size)
-    extract_seconds = time.perf_counter() - start
-    train_ds, steps = _cached_train_dataset(train_features, per_view[0][1], config)
-    _compile(classifier.head, config.learning_rate)
+    train_ds, steps = _cached_train_dataset(cached, config)
+    _compile(model, learning_rate)
+    name = "phase1_head.keras" if phase == 1 else "phase2_top.keras"
+    description = f"phase {phase} (cached)"
     callbacks, timer = _callbacks(
-        config, bool(val), "phase1_head.keras", reporter, "phase 1 (cached)", config.epochs
+        config, cached.val is not None, name, reporter, description, epochs
     )
     history = _fit(
-        classifier.head,
+        model,
         train_ds,
-        val_ds,
-        epochs=config.epochs,
+        _cached_val_dataset(cached, config.batch_size),
+        epochs=epochs,
         steps=steps,
-        weights=_weights(train, classes, config),
+        weights=_weights(train, model.output_shape[-1], config),
         callbacks=callbacks,
     )
-    return PhaseResult(history, timer.seconds, time.perf_counter() - start, extract_seconds)
+    return PhaseResult(history, timer.seconds, time.perf_counter() - start)
 
 
 def _weights(train: Sequence[Sample], classes: int, config: FitConfig) -> dict[int, float] | None:
@@ -302,6 +352,37 @@ def train_pixels(
     return PhaseResult(history, timer.seconds, time.perf_counter() - start)
 
 
+def _activation_cache(
+    classifier: Classifier, config: FitConfig, n_train: int, n_val: int, augment: Callable | None
+) -> tuple[keras.Model, keras.Model] | None:
+    """(trunk, top) when phase 2 can train on cached activations, else None."""
+    if not config.cache_features or config.fine_tune_epochs <= 0:
+        return None
+    parts = cut_base(classifier.base, config.fine_tune_layers)
+    if parts is None:
+        return None
+    views = config.views if augment is not None else 1
+    per_image = int(np.prod(parts[0].output.shape[1:])) * 4
+    return parts if per_image * (views * n_train + n_val) <= ACTIVATION_CACHE_BYTES else None
+
+
+def _pixels_model_phase(
+    classifier: Classifier,
+    train: Sequence[Sample],
+    val: Sequence[Sample],
+    config: FitConfig,
+    augment: Callable | None,
+    reporter: Reporter,
+    phase: int,
+) -> PhaseResult:
+    epochs = config.epochs if phase == 1 else config.fine_tune_epochs
+    rate = config.learning_rate if phase == 1 else config.fine_tune_learning_rate
+    return train_pixels(
+        classifier, train, val, config, augment, reporter, phase=phase, epochs=epochs,
+        learning_rate=rate,
+    )  # fmt: skip
+
+
 def fit(
     classifier: Classifier,
     train: Sequence[Sample],
@@ -313,32 +394,34 @@ def fit(
     """Phase 1 (frozen backbone, head only) then phase 2 (top layers unfrozen, low LR)."""
     keras.utils.set_random_seed(config.seed)
     classifier.base.trainable = False
+    split = _activation_cache(classifier, config, len(train), len(val), augment)
+    activations = None
+    if split is not None:
+        trunk, top = split
+        activations = extract(trunk, classifier, train, val, config, augment, reporter)
+        pooled = keras.Sequential([top, classifier.pool])
+        features = _map_cached(activations, pooled, config.batch_size)
+    elif config.cache_features:
+        features = extract(classifier.features, classifier, train, val, config, augment, reporter)
     if config.cache_features:
-        phase1 = train_head_cached(classifier, train, val, config, augment, reporter)
-    else:
-        phase1 = train_pixels(
-            classifier,
-            train,
-            val,
-            config,
-            augment,
-            reporter,
-            phase=1,
-            epochs=config.epochs,
+        phase1 = train_cached(
+            classifier.head, features, train, config, reporter, phase=1, epochs=config.epochs,
             learning_rate=config.learning_rate,
-        )
+        )  # fmt: skip
+        phase1.extract_seconds = features.seconds
+    else:
+        phase1 = _pixels_model_phase(classifier, train, val, config, augment, reporter, 1)
     if config.fine_tune_epochs <= 0 or unfreeze_top(classifier.base, config.fine_tune_layers) == 0:
         classifier.base.trainable = False
         return FitResult(phase1, None)
-    phase2 = train_pixels(
-        classifier,
-        train,
-        val,
-        config,
-        augment,
-        reporter,
-        phase=2,
-        epochs=config.fine_tune_epochs,
-        learning_rate=config.fine_tune_learning_rate,
-    )
+    if split is None or activations is None:
+        return FitResult(
+            phase1, _pixels_model_phase(classifier, train, val, config, augment, reporter, 2)
+        )
+    inputs = keras.Input(activations.train.shape[2:])
+    tail = classifier.head(classifier.pool(split[1](inputs, training=False)))
+    phase2 = train_cached(
+        keras.Model(inputs, tail, name="graft_top"), activations, train, config, reporter,
+        phase=2, epochs=config.fine_tune_epochs, learning_rate=config.fine_tune_learning_rate,
+    )  # fmt: skip
     return FitResult(phase1, phase2)

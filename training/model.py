@@ -20,6 +20,7 @@ class Classifier:
     base: keras.Model  # the backbone, called with training=False (BatchNorm in inference mode)
     features: keras.Model  # pixels -> pooled backbone features [n, D] (shares base + pool)
     head: keras.Model  # pooled features [n, D] -> probabilities (shares the head layers)
+    pool: keras.layers.Layer  # feature map -> [n, D]
     image_size: int
     backbone: str
     _forward: Callable | None = field(default=None, repr=False)
@@ -77,7 +78,7 @@ def build_classifier(
     features = keras.Model(pixels, pooled, name="graft_features")
     feature_in = keras.Input((pooled.shape[-1],), name="features")
     head = keras.Model(feature_in, apply_head(feature_in), name="graft_head")
-    return Classifier(model, base, features, head, image_size, backbone)
+    return Classifier(model, base, features, head, pool, image_size, backbone)
 
 
 def unfreeze_top(base: keras.Model, layers: int) -> int:
@@ -89,3 +90,27 @@ def unfreeze_top(base: keras.Model, layers: int) -> int:
     for index, layer in enumerate(base.layers):
         layer.trainable = index >= cut and not isinstance(layer, keras.layers.BatchNormalization)
     return len(base.trainable_weights)
+
+
+def cut_base(base: keras.Model, layers: int) -> tuple[keras.Model, keras.Model] | None:
+    """Split `base` before its top `layers` layers into (trunk, top), sharing the layer objects:
+    trunk(pixels) -> the activation entering the top part, top(that) == base(pixels).
+
+    None when the top part reads more than one tensor from below (a skip connection crossing
+    the cut) or when there is nothing below it."""
+    cut = len(base.layers) - layers
+    if layers <= 0 or cut <= 1:
+        return None
+    below = {id(layer) for layer in base.layers[:cut]}
+    crossing: list[keras.KerasTensor] = []
+    for layer in base.layers[cut:]:
+        for node in layer._inbound_nodes:
+            for tensor in keras.tree.flatten(node.input_tensors):
+                source = tensor._keras_history[0]
+                if id(source) in below and not any(tensor is seen for seen in crossing):
+                    crossing.append(tensor)
+    if len(crossing) != 1:
+        return None
+    trunk = keras.Model(base.inputs, crossing[0], name=f"{base.name}_trunk")
+    top = keras.Model(crossing[0], base.output, name=f"{base.name}_top")
+    return trunk, top

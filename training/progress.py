@@ -38,7 +38,10 @@ class Reporter:
         self.console = Console(file=sys.stderr, quiet=quiet)
 
     @contextmanager
-    def task(self, description: str, total: int | None = None) -> Iterator[Task]:
+    def task(
+        self, description: str, total: int | None = None, *, transient: bool = False
+    ) -> Iterator[Task]:
+        """A bar; `transient` ones vanish when done (and are never left behind by an error)."""
         if self.quiet:
             yield Task(None, None)
             return
@@ -50,7 +53,7 @@ class Reporter:
             TimeRemainingColumn(),
             TextColumn("{task.fields[note]}"),
         )
-        with Progress(*columns, console=self.console, transient=False) as progress:
+        with Progress(*columns, console=self.console, transient=transient) as progress:
             yield Task(progress, progress.add_task(description, total=total, note=""))
 
     def info(self, message: str) -> None:

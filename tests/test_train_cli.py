@@ -1,0 +1,139 @@
+"""`graft train` / `graft evaluate` through the real CLI: bad input, then a tiny end-to-end run
+that publishes a real SavedModel into a model repository and evaluates it."""
+
+import json
+from pathlib import Path
+
+import pytest
+from training_images import make_dataset
+from typer.testing import CliRunner, Result
+
+from service.repository import ModelRepository
+from training.cli import app
+
+runner = CliRunner()
+TINY = ["--image-size", "64", "--epochs", "2", "--fine-tune-epochs", "1", "--batch-size", "8"]
+
+
+def _graft(*args: str) -> Result:
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _last_json(result: Result) -> dict:
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _assert_one_line_error(result: Result, fragment: str) -> None:
+    assert result.exit_code == 1
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert fragment in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def _bad_folder(kind: str, tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    if kind == "file":
+        root.write_bytes(b"\xff\xd8\xff not a folder")
+    elif kind == "empty":
+        root.mkdir()
+    elif kind == "one_class":
+        make_dataset(root, per_class=4, classes=("circle",))
+    elif kind == "only_corrupt":
+        for name in ("a", "b"):
+            (root / name).mkdir(parents=True)
+            (root / name / "x.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+            (root / name / "y.png").write_text("text")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("kind", "fragment"),
+    [
+        ("missing", "does not exist"),
+        ("file", "is not a folder"),
+        ("empty", "no class sub-folders"),
+        ("one_class", "only one class"),
+        ("only_corrupt", "no readable images"),
+    ],
+)
+def test_train_refuses_bad_folders_in_one_line(kind: str, fragment: str, tmp_path: Path) -> None:
+    root = _bad_folder(kind, tmp_path)
+    result = _graft("train", root, "--name", "m", "--model-root", tmp_path / "models", *TINY)
+    _assert_one_line_error(result, fragment)
+    assert not (tmp_path / "models" / "m").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--name", "Bad Name"], "invalid model name"),
+        (["--name", "m", "--backbone", "vgg99"], "unknown backbone"),
+        (["--name", "m", "--epochs", "0"], "--epochs must be at least 1"),
+    ],
+)
+def test_train_refuses_bad_options_in_one_line(
+    args: list[str], fragment: str, tmp_path: Path
+) -> None:
+    root = make_dataset(tmp_path / "data", per_class=2)
+    result = _graft("train", root, "--model-root", tmp_path / "models", *args)
+    _assert_one_line_error(result, fragment)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    tmp = tmp_path_factory.mktemp("e2e")
+    data = make_dataset(tmp / "data", per_class=8)
+    (data / "circle" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    result = _graft(
+        "train", data, "--name", "shapes", "--model-root", tmp / "models",
+        "--report-dir", tmp / "report", "--quiet", *TINY,
+    )  # fmt: skip
+    assert result.stderr.count("\n") <= 2, result.stderr  # --quiet: at most the skip warning
+    return data, tmp, _last_json(result)
+
+
+def test_train_publishes_a_version_and_reports(trained: tuple[Path, Path, dict]) -> None:
+    _, tmp, out = trained
+    assert (out["name"], out["version"]) == ("shapes", 1)
+    assert set(out["metrics"]) >= {"accuracy", "macro_f1", "top_k_accuracy"}
+    assert 0.0 <= out["metrics"]["accuracy"] <= 1.0 and out["seconds"] > 0
+    repository = ModelRepository(tmp / "models")
+    manifest = repository.verify("shapes", 1)
+    assert manifest.labels == ["circle", "square", "triangle"] and manifest.image_size == 64
+    assert manifest.dataset_fingerprint == out["dataset_fingerprint"]
+    assert Path(out["path"]) == repository.version_dir("shapes", 1)
+    report = tmp / "report"
+    for name in ("metrics.json", "confusion_matrix.json", "confusion_matrix.png", "curves.png"):
+        assert (report / name).stat().st_size > 0, name
+    split = json.loads((report / "split.json").read_text())
+    assert len(split["train"]) + len(split["val"]) + len(split["test"]) == 24
+    assert (report / "checkpoints" / "phase1_head.keras").is_file()
+
+
+def test_evaluate_prints_parseable_metrics(trained: tuple[Path, Path, dict]) -> None:
+    data, tmp, _ = trained
+    result = _graft(
+        "evaluate", data, "--name", "shapes", "--model-root", tmp / "models",
+        "--report-dir", tmp / "evaluation",
+    )  # fmt: skip
+    out = _last_json(result)
+    assert out["version"] == 1 and out["labels"] == ["circle", "square", "triangle"]
+    assert sum(map(sum, out["confusion_matrix"])) == 24  # every readable image, broken.jpg skipped
+    assert {c["support"] for c in out["per_class"].values()} == {8}
+    assert 0.0 <= out["accuracy"] <= 1.0 and 0.0 <= out["macro_f1"] <= 1.0
+    assert "broken.jpg" in result.stderr  # the skip is reported, not fatal
+    assert (tmp / "evaluation" / "confusion_matrix.png").is_file()
+
+
+def test_evaluate_refuses_unknown_classes_and_versions(trained: tuple[Path, Path, dict]) -> None:
+    _, tmp, _ = trained
+    other = make_dataset(tmp / "other", per_class=2, classes=("circle", "square"))
+    (other / "square").rename(other / "hexagon")
+    root = tmp / "models"
+    result = _graft("evaluate", other, "--name", "shapes", "--model-root", root)
+    _assert_one_line_error(result, "hexagon")
+    result = _graft("evaluate", other, "--name", "shapes", "--model-root", root, "--version", "7")
+    assert result.exit_code == 1 and result.stderr.startswith("error: ")
