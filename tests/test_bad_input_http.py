@@ -325,6 +325,40 @@ def test_grpc_deadline_is_deadline_exceeded_and_the_server_recovers(
     assert response.results[0].label == "red"
 
 
+@pytest.mark.parametrize(
+    ("model", "image", "code"),
+    [
+        ("colours", b"<!DOCTYPE html><html></html>", grpc.StatusCode.INVALID_ARGUMENT),
+        ("colours", b"", grpc.StatusCode.INVALID_ARGUMENT),
+        ("nope", b"photo", grpc.StatusCode.NOT_FOUND),
+    ],
+)
+def test_grpc_tf_serving_predict_bad_input(
+    server: RunningServer, model: str, image: bytes, code: grpc.StatusCode
+) -> None:
+    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    data = tinted_photo("red") if image == b"photo" else image
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model
+    request.inputs["images"].CopyFrom(
+        tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_STRING,
+            tensor_shape=tensor_shape_pb2.TensorShapeProto(
+                dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=1)]
+            ),
+            string_val=[data],
+        )
+    )
+    with grpc.insecure_channel(server.grpc_target or "") as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Predict(request, timeout=60)
+    assert caught.value.code() == code, caught.value.details()
+    assert len(caught.value.details()) > 15
+
+
 # -- model pushes -------------------------------------------------------------------------------
 
 
