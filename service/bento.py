@@ -39,6 +39,7 @@ logger = logging.getLogger("graft.service")
 SETTINGS = GraftSettings()
 # BentoML's traffic timeout is a backstop behind the gateway's own per-request deadline.
 _TIMEOUT_S = SETTINGS.request_timeout_s + 10
+_RETRIES = 8  # after a connection-level failure: enough to drain a pool of dead connections
 
 
 class Reply(BaseModel):
@@ -121,8 +122,9 @@ class _InferenceClient:
 
     BentoML 1.4's dependency client recycles its aiohttp session every 100 requests by closing
     it, which cuts the requests still in flight on it ("Server disconnected", bentoml#4971).
-    Recycling is turned off here, and every call (all are idempotent) is retried once after a
-    connection-level failure.
+    Recycling is turned off here, and every call (all are idempotent) is retried after a
+    connection-level failure; that also carries requests over a restart of the inference
+    process, whose socket (held by BentoML's supervisor) queues them for the new worker.
     """
 
     def __init__(self, inference: Any) -> None:
@@ -154,11 +156,17 @@ class _InferenceClient:
 
     async def _retrying(self, api: str, *args: Any) -> Any:
         call = getattr(self._inference.to_async, api)
-        try:
-            return await call(*args)
-        except aiohttp.ClientConnectionError as exc:
-            logger.warning("inference %s: %s; retrying once", api, exc)
-            return await call(*args)
+        for attempt in range(_RETRIES + 1):
+            try:
+                return await call(*args)
+            except (aiohttp.ClientConnectionError, ConnectionError) as exc:
+                if attempt == _RETRIES:
+                    raise
+                # Each failure discards one dead pooled connection; the gateway's deadline
+                # bounds the whole loop.
+                logger.warning("inference %s: %s; retrying", api, exc)
+                await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
+        raise AssertionError("unreachable")
 
 
 def _serves_grpc() -> bool:

@@ -83,6 +83,7 @@ class Gateway:
                 await self.refresh_status()
             except Exception as exc:  # inference not up yet, or restarting: keep trying
                 logger.debug("model status unavailable: %s", exc)
+                self._status = {}  # not ready (gRPC health too) until it answers again
             await asyncio.sleep(interval_s)
 
     def ready(self, model: str | None = None) -> bool:

@@ -86,6 +86,12 @@ class VersionManager:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        """Load what the repository holds now, then keep polling in a daemon thread.
+
+        The first load is synchronous so that a (re)started inference process answers its
+        first request with a warm model instead of "still loading".
+        """
+        self._poll_safely()
         self._thread = threading.Thread(target=self._run, name="graft-version-manager", daemon=True)
         self._thread.start()
 
@@ -141,12 +147,16 @@ class VersionManager:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                self.poll_once()
-            except Exception:  # the poller must survive anything a broken repository does
-                logger.exception("polling the model repository failed")
             self._wake.wait(self._interval)
             self._wake.clear()
+            if not self._stop.is_set():
+                self._poll_safely()
+
+    def _poll_safely(self) -> None:
+        try:
+            self.poll_once()
+        except Exception:  # the poller must survive anything a broken repository does
+            logger.exception("polling the model repository failed")
 
     def _ensure(self, name: str, slot: _Slot, wanted: int) -> None:
         with self._lock:

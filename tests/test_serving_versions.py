@@ -2,7 +2,9 @@
 and the management API's bearer token. The tests run in file order on one server."""
 
 import json
+import os
 import shutil
+import signal
 import threading
 import time
 from pathlib import Path
@@ -219,3 +221,35 @@ def _plant_corrupted_version(model_dir: Path, *, source: int, version: int) -> N
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
     staging.rename(model_dir / str(version))
+
+
+def test_a_killed_inference_process_is_restarted_and_no_request_fails(
+    server, http: httpx.Client
+) -> None:
+    """kill -9 the inference worker: BentoML's supervisor restarts it, the entry keeps the
+    socket's backlog, and a request sent meanwhile waits for the new worker instead of failing."""
+    (victim,) = _children(server.process.pid, "graft-inference")
+    os.kill(victim, signal.SIGKILL)
+    response = _classify(http)  # queued until the restarted worker has loaded the model
+    assert response.status_code == 200, response.text
+    assert response.json()["version"] == 4
+    (replacement,) = _children(server.process.pid, "graft-inference")
+    assert replacement != victim
+    deadline = time.monotonic() + 60
+    while http.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "never ready again"
+        time.sleep(0.5)
+
+
+def _children(parent: int, marker: str) -> list[int]:
+    """Pids of `parent`'s child processes whose command line contains `marker`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue  # the process ended while we looked
+        if ppid == parent and marker in cmdline:
+            found.append(int(stat.parent.name))
+    return found
