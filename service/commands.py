@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -90,13 +91,17 @@ def _serve(settings: GraftSettings) -> None:
     os.environ["BENTOML_HOME"] = home
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
     try:
-        from service.bento import Graft
+        from service.shutdown import serve_gracefully
 
-        # Workers import "service.bento:Graft" from the service's working_dir (the cwd at
-        # import); graft is installed, so any cwd works.
-        Graft.serve_http(host=settings.host, port=settings.port)
+        # The BentoML server runs as a child (`python -m service.shutdown` calls
+        # Graft.serve_http) so that SIGTERM drains before the workers stop. Workers import
+        # "service.bento:Graft" from the cwd; graft is installed, so any cwd works.
+        child = [sys.executable, "-m", "service.shutdown"]
+        code = serve_gracefully(child, settings, Path(home) / "draining")
     finally:
         shutil.rmtree(home, ignore_errors=True)
+    if code:
+        raise typer.Exit(code)
 
 
 def register(app: typer.Typer) -> None:

@@ -36,6 +36,7 @@ from service.push import PushLimits, receive_push
 from service.repository import ModelRepository, validate_name
 from service.schemas import ClassifyResponse, ImageResult, TopClass
 from service.settings import GraftSettings
+from service.shutdown import draining
 from service.validation import check_image
 
 logger = logging.getLogger("graft.gateway")
@@ -87,6 +88,8 @@ class Gateway:
             await asyncio.sleep(interval_s)
 
     def ready(self, model: str | None = None) -> bool:
+        if draining():  # `graft serve` is stopping: load balancers must route elsewhere first
+            return False
         status = self._status.get(model or self._settings.default_model)
         return status is not None and status.active_version is not None
 

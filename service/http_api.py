@@ -17,6 +17,8 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -232,6 +234,17 @@ async def _classify_input(request: Request) -> tuple[list[bytes], ClassifyJSON]:
 
 
 async def _multipart(request: Request) -> tuple[list[bytes], ClassifyJSON]:
+    try:
+        return await _parse_multipart(request)
+    except (MultiPartException, HTTPException) as exc:  # Starlette wraps it inside an app
+        detail = exc.message if isinstance(exc, MultiPartException) else exc.detail
+        raise BadRequest(
+            f"the multipart body cannot be parsed ({detail}); send multipart/form-data with "
+            "the files in the field `images` (curl -F images=@photo.jpg)"
+        ) from None
+
+
+async def _parse_multipart(request: Request) -> tuple[list[bytes], ClassifyJSON]:
     async with request.form(max_files=1000, max_fields=100) as form:
         parts = form.getlist("images")
         if any(not isinstance(part, UploadFile) for part in parts):
@@ -253,6 +266,8 @@ async def _json(request: Request) -> Any:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:  # json's C decoder refuses nesting deeper than ~1000 levels
+        raise BadRequest("the JSON is nested too deeply; send a flat document") from None
 
 
 def _tf_instances(body: Any) -> tuple[list[bytes], bool]:

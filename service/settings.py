@@ -42,3 +42,9 @@ class GraftSettings(BaseSettings):
         2048 * MiB, ge=1, description="Largest total size a model upload may unpack to."
     )
     max_push_members: int = Field(64, ge=1, description="Most files a model upload may hold.")
+    shutdown_drain_s: float = Field(
+        3.0,
+        ge=0,
+        description="On SIGTERM, how long /readyz answers 503 before the server stops "
+        "(so load balancers stop routing first); in-flight requests then finish.",
+    )
