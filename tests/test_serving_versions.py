@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from support.server import running_server
 from support.trained import tinted_photo
@@ -242,14 +243,13 @@ def test_a_killed_inference_process_is_restarted_and_no_request_fails(
 
 
 def _children(parent: int, marker: str) -> list[int]:
-    """Pids of `parent`'s child processes whose command line contains `marker`."""
+    """Pids of `parent`'s descendants whose command line contains `marker` (`graft serve`
+    supervises the BentoML server as a child, so the workers are grandchildren)."""
     found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for process in psutil.Process(parent).children(recursive=True):
         try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (OSError, ValueError, IndexError):
+            if marker in " ".join(process.cmdline()):
+                found.append(process.pid)
+        except psutil.Error:
             continue  # the process ended while we looked
-        if ppid == parent and marker in cmdline:
-            found.append(int(stat.parent.name))
     return found
