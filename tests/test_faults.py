@@ -2,8 +2,9 @@
 
 The disk-full tests run the real repository and push code against a real 512 KiB tmpfs (in a
 private mount namespace, when the kernel allows one) and, everywhere, with ENOSPC injected at
-the file-copy step. The overload tests run a real `graft serve` with a 2-image queue and a 2 s
-deadline, and a request slow enough to hold the queue: two 36-megapixel PNGs.
+the file-copy step. The overload tests run a real `graft serve` with a 4-image queue and a 1 s
+deadline, and a request slow enough to hold the queue: four 36-megapixel PNGs (about 0.8 s
+of decode each here, so the work outlasts the deadline threefold).
 """
 
 import errno
@@ -156,12 +157,12 @@ def test_disk_full_by_injection(
 
 # -- overload, deadlines, disconnects -----------------------------------------------------------
 
-QUEUE = 2
+QUEUE = 4
 
 
 @pytest.fixture(scope="module")
 def slow_images() -> list[bytes]:
-    """Two 36-megapixel PNGs (120 KB each): seconds of decode + resize per request."""
+    """Four 36-megapixel PNGs (120 KB each): seconds of decode + resize per request."""
     ramp = np.linspace(0, 255, 6000, dtype=np.float32)
     pixels = np.stack(
         [
@@ -172,7 +173,7 @@ def slow_images() -> list[bytes]:
         axis=-1,
     ).astype(np.uint8)
     data = encode(pixels, "PNG", compress_level=9)
-    return [data, data]
+    return [data] * QUEUE
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +184,7 @@ def tight_server(
     ModelRepository(root).publish(small_export, "m")
     env = {
         "GRAFT_MAX_QUEUE": str(QUEUE),
-        "GRAFT_REQUEST_TIMEOUT_S": "2",
+        "GRAFT_REQUEST_TIMEOUT_S": "1",
         "GRAFT_SHUTDOWN_DRAIN_S": "1",
     }
     with running_server(root, default_model="m", grpc=True, env=env) as running:
@@ -262,7 +263,7 @@ def test_full_queue_is_503_with_retry_after_at_once_and_the_deadline_504(
     response, latency = refused[0]
     assert response.json()["error"] == "overloaded"
     assert int(response.headers["retry-after"]) >= 1
-    assert latency < 2.0, "a full queue must refuse at once, not wait out the 2 s deadline"
+    assert latency < 1.0, "a full queue must refuse at once, not wait out the 1 s deadline"
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in grpc_codes, grpc_codes
     wait_until_idle(tight_server)
     assert images_in_flight(tight_server) == 0, "the timed-out request kept its queue slots"
