@@ -61,6 +61,18 @@ class MetadataReply(Reply):
     metadata: ModelMetadata | None = None
 
 
+def _batching(settings: GraftSettings) -> dict[str, Any]:
+    """`infer`'s batching options. BentoML refuses a batchable API with max_batch_size 1, so 1
+    means batching off: every request's images are one call, as a per-request server does."""
+    if settings.max_batch_size == 1:
+        return {"batchable": False}
+    return {
+        "batchable": True,
+        "max_batch_size": settings.max_batch_size,
+        "max_latency_ms": settings.max_latency_ms,
+    }
+
+
 @bentoml.service(
     name="graft-inference",
     workers=1,
@@ -81,11 +93,7 @@ class Inference:
     def __is_ready__(self) -> bool:
         return self.manager.ready(SETTINGS.default_model)
 
-    @bentoml.api(
-        batchable=True,
-        max_batch_size=SETTINGS.max_batch_size,
-        max_latency_ms=SETTINGS.max_latency_ms,
-    )
+    @bentoml.api(**_batching(SETTINGS))
     def infer(self, items: list[InferItem]) -> list[InferResult]:
         return run_batch(self.manager, items)
 

@@ -23,9 +23,13 @@ class GraftSettings(BaseSettings):
         None, description="Bearer token for the management API; unset turns management off."
     )
     poll_interval_s: float = Field(2.0, gt=0, description="How often the repository is polled.")
-    max_batch_size: int = Field(32, ge=1, description="Adaptive batching: largest batch.")
+    max_batch_size: int = Field(
+        32, ge=1, description="Adaptive batching: largest batch; 1 turns batching off."
+    )
     max_latency_ms: int = Field(
-        1000, ge=1, description="Adaptive batching: the longest a request may wait in the queue."
+        10_000,
+        ge=1,
+        description="Adaptive batching sheds (503) requests it predicts will wait longer.",
     )
     max_body_bytes: int = Field(16 * MiB, ge=1, description="Larger request bodies get 413.")
     max_images_per_request: int = Field(64, ge=1)

@@ -27,7 +27,7 @@ START_TIMEOUT_S = 180.0  # two TensorFlow processes start on a contended 2-core 
 STOP_TIMEOUT_S = 30.0
 # BentoML's adaptive batching sheds (503) requests it predicts will wait longer than
 # max_latency_ms. On a 2-core machine shared with other test runs, inference time swings
-# widely, so tests allow 10 s unless they set GRAFT_MAX_LATENCY_MS themselves.
+# widely, so tests pin the 10 s default unless they set GRAFT_MAX_LATENCY_MS themselves.
 TEST_SETTINGS = {"GRAFT_MAX_LATENCY_MS": "10000"}
 
 
