@@ -85,7 +85,11 @@ def uncached_phase1_epoch(data: Path, max_per_class: int | None) -> float:
     spec = get_backbone(defaults.DEFAULT_BACKBONE)
     size = defaults.DEFAULT_IMAGE_SIZE
     classifier = build_classifier(
-        spec.build(image_size=size), len(dataset.classes), image_size=size, backbone=spec.name
+        spec.build(image_size=size),
+        len(dataset.classes),
+        image_size=size,
+        backbone=spec.name,
+        hidden_units=defaults.DEFAULT_HIDDEN_UNITS,
     )
     config = FitConfig(batch_size=defaults.DEFAULT_BATCH_SIZE)
     result = train_pixels(
@@ -110,10 +114,11 @@ def run(quick: bool) -> dict[str, Any]:
     uncached = uncached_phase1_epoch(data, 10 if quick else None)
     figures["phase1_uncached_epoch_s"] = round(uncached, 2)
     figures["phase1_epoch_speedup"] = round(uncached / reference["phase1_cached_epoch_s"], 1)
-    # What the whole of phase 1 would have cost on pixels vs what it cost with the cache
-    # (one-off backbone passes included): the honest, amortised figure.
+    # What the whole of phase 1 would have cost on pixels vs what it cost with the cache, the
+    # one-off backbone passes included (they also feed phase 2): the amortised figure.
     pixels_phase1 = uncached * reference["phase1_epochs"]
-    figures["phase1_total_speedup"] = round(pixels_phase1 / reference["phase1_s"], 2)
+    cached_phase1 = reference["cache_extract_s"] + reference["phase1_s"]
+    figures["phase1_total_speedup"] = round(pixels_phase1 / cached_phase1, 2)
     return figures
 
 

@@ -24,10 +24,11 @@ if TYPE_CHECKING:
     from training.progress import Reporter
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
-DEFAULT_IMAGE_SIZE = 160
+DEFAULT_IMAGE_SIZE = 224
 DEFAULT_EPOCHS = 15
-DEFAULT_FINE_TUNE_EPOCHS = 8
+DEFAULT_FINE_TUNE_EPOCHS = 5
 DEFAULT_BATCH_SIZE = 32
+DEFAULT_HIDDEN_UNITS = 256
 
 
 @contextmanager
@@ -84,6 +85,7 @@ class TrainOptions:
     views: int
     weights: str
     quiet: bool
+    hidden_units: int = DEFAULT_HIDDEN_UNITS
 
 
 def run_train(options: TrainOptions) -> dict:
@@ -122,6 +124,7 @@ def run_train(options: TrainOptions) -> dict:
             len(dataset.classes),
             image_size=image_size,
             backbone=spec.name,
+            hidden_units=options.hidden_units,
             seed=options.seed,
         )
         config = FitConfig(
@@ -216,21 +219,26 @@ def train(
         bool, typer.Option("--no-cache", help="phase 1 on pixels, no feature cache")
     ] = False,
     views: Annotated[
-        int, typer.Option(help="augmented views per image in the phase-1 feature cache")
+        int, typer.Option(help="cached views per image: the image + (N-1) augmented ones")
     ] = 2,
     weights: Annotated[
         str, typer.Option(help="backbone weights: imagenet, a weights file, or none")
     ] = "imagenet",
+    hidden_units: Annotated[
+        int, typer.Option(help="units of the head's hidden Dense layer; 0 for none")
+    ] = DEFAULT_HIDDEN_UNITS,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress or tables")] = False,
 ) -> None:
     """Train a classifier on DATA_DIR, evaluate it, publish it as a new version of NAME."""
     options = TrainOptions(
         data_dir, name, model_root, backbone, image_size, epochs, fine_tune_epochs,
         fine_tune_layers, batch_size, max_per_class, seed, report_dir, not no_augment,
-        not no_cache, views, weights, quiet,
+        not no_cache, views, weights, quiet, hidden_units,
     )  # fmt: skip
     with _one_line_errors():
         _check_positive(epochs=epochs, batch_size=batch_size, views=views)
+        if hidden_units < 0:
+            raise ValueError(f"--hidden-units must be 0 or more, got {hidden_units}")
         result = run_train(options)
     typer.echo(json.dumps(result))
 

@@ -43,7 +43,10 @@ class FitConfig:
     patience: int = 3
     class_weighting: bool = True
     cache_features: bool = True
-    views: int = 2  # augmented views per training image cached for phase 1 (1 without augment)
+    views: int = 2  # cached views per training image: the image itself + (views-1) augmented
+    # Cached epochs over several views are at least this many steps: a few-shot set of 40
+    # images is 2 batches, and 15 epochs of 2 steps would leave the head untrained.
+    min_cached_steps: int = 20
     seed: int = 0
     checkpoint_dir: Path | None = None
 
@@ -122,7 +125,7 @@ def _callbacks(
     callbacks: list[keras.callbacks.Callback] = [
         keras.callbacks.EarlyStopping(monitor, patience=config.patience, restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(
-            monitor, factor=0.2, patience=max(1, config.patience // 2)
+            monitor, factor=0.2, patience=max(1, config.patience - 1)
         ),
         timer,
         _EpochBar(reporter, description, epochs),
@@ -176,8 +179,8 @@ def extract(
     augment: Callable | None,
     reporter: Reporter,
 ) -> Cached:
-    """One pass of `frozen` (inference mode) per augmented view of the training images, and
-    one over the validation images."""
+    """One pass of `frozen` (inference mode) per view of the training images, and one over
+    the validation images. View 1 is the images themselves; views 2.. are augmented."""
     start = time.perf_counter()
     forward = tf.function(lambda x: frozen(x, training=False), reduce_retracing=True)
     views = config.views if augment is not None else 1
@@ -185,7 +188,11 @@ def extract(
     per_view = []
     for view in range(views):
         ds = image_dataset(
-            train, size, batch_size=config.batch_size, num_classes=classes, augment=augment
+            train,
+            size,
+            batch_size=config.batch_size,
+            num_classes=classes,
+            augment=augment if view > 0 else None,
         )
         label = f"cache {view + 1}/{views}" if views > 1 else "cache"
         per_view.append(_run(forward, ds, reporter, label, _steps(len(train), config.batch_size)))
@@ -219,8 +226,9 @@ def _steps(n: int, batch_size: int) -> int:
 
 def _cached_train_dataset(cached: Cached, config: FitConfig) -> tuple:
     """One view: the same shuffled finite epochs as the pixel path. Several views: a pool of
-    views*n, reshuffled and repeated, cut into epochs of n examples, so an epoch sees as many
-    (augmented) examples as an uncached epoch does."""
+    views*n, reshuffled and repeated, cut into epochs of n examples (at least
+    `min_cached_steps` batches), so an epoch sees as many (augmented) examples as an uncached
+    epoch does."""
     views, n = cached.train.shape[:2]
     labels = cached.train_labels
     if views == 1:
@@ -230,7 +238,8 @@ def _cached_train_dataset(cached: Cached, config: FitConfig) -> tuple:
     pool = (cached.train.reshape(views * n, *cached.train.shape[2:]), np.tile(labels, (views, 1)))
     ds = tf.data.Dataset.from_tensor_slices(pool)
     ds = ds.shuffle(views * n, seed=config.seed, reshuffle_each_iteration=True).repeat()
-    return ds.batch(config.batch_size).prefetch(tf.data.AUTOTUNE), _steps(n, config.batch_size)
+    steps = max(_steps(n, config.batch_size), config.min_cached_steps)
+    return ds.batch(config.batch_size).prefetch(tf.data.AUTOTUNE), steps
 
 
 def _cached_val_dataset(cached: Cached, batch_size: int) -> tf.data.Dataset | None:

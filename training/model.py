@@ -55,7 +55,14 @@ def build_classifier(
         keras.layers.Dropout(dropout, seed=seed, name="dropout")
     ]
     if hidden_units > 0:
-        head_layers.append(keras.layers.Dense(hidden_units, activation="relu", name="hidden"))
+        head_layers.append(
+            keras.layers.Dense(
+                hidden_units,
+                activation="relu",
+                kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 1),
+                name="hidden",
+            )
+        )
     head_layers.append(
         keras.layers.Dense(
             num_classes,
