@@ -271,6 +271,47 @@ def _fit(
     return {k: [float(v) for v in values] for k, values in history.history.items()}
 
 
+@dataclass(frozen=True)
+class _Phase:
+    """What tells one phase's fit apart from another's."""
+
+    description: str  # progress bar
+    checkpoint: str  # file name in config.checkpoint_dir
+    epochs: int
+    learning_rate: float
+
+
+def _run_phase(
+    model: keras.Model,
+    train_ds: tf.data.Dataset,
+    val_ds: tf.data.Dataset | None,
+    *,
+    phase: _Phase,
+    steps: int | None,
+    train: Sequence[Sample],
+    config: FitConfig,
+    reporter: Reporter,
+    started: float,
+) -> PhaseResult:
+    """Compile `model` and fit it on the given datasets, cached or pixels alike. `started`
+    (perf_counter) is when the caller began building the datasets: their set-up is part of
+    the phase's time."""
+    _compile(model, phase.learning_rate)
+    callbacks, timer = _callbacks(
+        config, val_ds is not None, phase.checkpoint, reporter, phase.description, phase.epochs
+    )
+    history = _fit(
+        model,
+        train_ds,
+        val_ds,
+        epochs=phase.epochs,
+        steps=steps,
+        weights=_weights(train, model.output_shape[-1], config),
+        callbacks=callbacks,
+    )
+    return PhaseResult(history, timer.seconds, time.perf_counter() - started)
+
+
 def train_cached(
     model: keras.Model,
     cached: Cached,
@@ -283,24 +324,20 @@ def train_cached(
     learning_rate: float,
 ) -> PhaseResult:
     """Fit `model` (whose input is what `cached` holds) on the cached arrays."""
-    start = time.perf_counter()
+    started = time.perf_counter()
     train_ds, steps = _cached_train_dataset(cached, config)
-    _compile(model, learning_rate)
-    name = "phase1_head.keras" if phase == 1 else "phase2_top.keras"
-    description = f"phase {phase} (cached)"
-    callbacks, timer = _callbacks(
-        config, cached.val is not None, name, reporter, description, epochs
-    )
-    history = _fit(
+    checkpoint = "phase1_head.keras" if phase == 1 else "phase2_top.keras"
+    return _run_phase(
         model,
         train_ds,
         _cached_val_dataset(cached, config.batch_size),
-        epochs=epochs,
+        phase=_Phase(f"phase {phase} (cached)", checkpoint, epochs, learning_rate),
         steps=steps,
-        weights=_weights(train, model.output_shape[-1], config),
-        callbacks=callbacks,
+        train=train,
+        config=config,
+        reporter=reporter,
+        started=started,
     )
-    return PhaseResult(history, timer.seconds, time.perf_counter() - start)
 
 
 def _weights(train: Sequence[Sample], classes: int, config: FitConfig) -> dict[int, float] | None:
@@ -342,23 +379,20 @@ def train_pixels(
     learning_rate: float,
 ) -> PhaseResult:
     """Fit the whole model on pixels with whatever is trainable now (phase 1 uncached, or 2)."""
-    start = time.perf_counter()
+    started = time.perf_counter()
     train_ds, val_ds = _pixel_datasets(classifier, train, val, config, augment)
-    _compile(classifier.model, learning_rate)
     description = "phase 1 (uncached)" if phase == 1 else "phase 2 (fine-tune)"
-    callbacks, timer = _callbacks(
-        config, bool(val), f"phase{phase}.keras", reporter, description, epochs
-    )
-    history = _fit(
+    return _run_phase(
         classifier.model,
         train_ds,
         val_ds,
-        epochs=epochs,
+        phase=_Phase(description, f"phase{phase}.keras", epochs, learning_rate),
         steps=None,
-        weights=_weights(train, classifier.model.output_shape[-1], config),
-        callbacks=callbacks,
+        train=train,
+        config=config,
+        reporter=reporter,
+        started=started,
     )
-    return PhaseResult(history, timer.seconds, time.perf_counter() - start)
 
 
 def _activation_cache(
