@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from service import schemas
 from service.errors import GraftError
 from service.grpc_common import DEFAULT_TOP_K, PROTOCOL, deadline_of, guarded
+from service.grpc_convert import to_proto
 from service.grpc_stubs.graft.v1 import classifier_pb2 as pb
 from service.grpc_stubs.graft.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -24,22 +24,6 @@ STREAM_WINDOW = 32
 # Metric route labels: the gRPC method paths.
 CLASSIFY_ROUTE = "/graft.v1.ImageClassifier/Classify"
 STREAM_ROUTE = "/graft.v1.ImageClassifier/ClassifyStream"
-
-
-def to_proto(response: schemas.ClassifyResponse, request_id: str = "") -> pb.ClassifyResponse:
-    return pb.ClassifyResponse(
-        model=response.model,
-        version=response.version,
-        request_id=request_id,
-        results=[
-            pb.ImageResult(
-                label=result.label,
-                score=result.score,
-                top_classes=[pb.TopClass(label=c.label, score=c.score) for c in result.top_k],
-            )
-            for result in response.results
-        ],
-    )
 
 
 def error_response(err: GraftError, request_id: str) -> pb.ClassifyResponse:

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service import errors, schemas
 from service.grpc_common import DEFAULT_TOP_K, ERROR_CODE_KEY
+from service.grpc_convert import from_proto
 from service.grpc_stubs.graft.v1 import classifier_pb2 as pb
 from service.grpc_stubs.graft.v1 import classifier_pb2_grpc as pb_grpc
 from service.settings import MiB
@@ -66,21 +67,6 @@ def _request(
         images=[_read(image) for image in images],
         top_k=top_k,
         request_id=request_id,
-    )
-
-
-def from_proto(response: pb.ClassifyResponse) -> schemas.ClassifyResponse:
-    return schemas.ClassifyResponse(
-        model=response.model,
-        version=response.version,
-        results=[
-            schemas.ImageResult(
-                label=result.label,
-                score=result.score,
-                top_k=[schemas.TopClass(label=c.label, score=c.score) for c in result.top_classes],
-            )
-            for result in response.results
-        ],
     )
 
 
