@@ -1,0 +1,178 @@
+"""The adaptive batcher on its own: real asyncio, real threads, a real `run` that records its
+batches. The server-level proofs (HTTP and gRPC share batches, batching off) are in
+tests/test_grpc_server.py and tests/test_batching_off.py."""
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Coroutine
+
+import pytest
+
+from service.batcher import Batcher
+
+WAIT_S = 10.0  # how long a test waits for something that should happen at once
+
+
+class Recorder:
+    """`run` for the batcher: squares numbers and remembers every batch it was given."""
+
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self._gate = gate
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        if self._gate is not None:
+            assert self._gate.wait(WAIT_S), "the test never opened the gate"
+        return [i * i for i in items]
+
+
+def run_async(scenario: Callable[[], Coroutine[None, None, None]]) -> None:
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_concurrent_callers_share_batches_and_get_their_own_results_in_order() -> None:
+    gate = threading.Event()
+    recorder = Recorder(gate)
+
+    async def scenario() -> None:
+        batcher = Batcher(recorder, max_batch_size=4, timeout_s=0, threads=1)
+        first = asyncio.create_task(batcher.submit([1]))  # occupies the only batch thread
+        await _until(lambda: len(recorder.batches) == 1)
+        callers = [asyncio.create_task(batcher.submit([n, n + 100])) for n in range(2, 7)]
+        await _until(lambda: batcher.queued() == 10)
+        gate.set()
+        assert await first == [1]
+        for n, caller in zip(range(2, 7), callers, strict=True):
+            assert await caller == [n * n, (n + 100) ** 2]
+        await batcher.close()
+
+    run_async(scenario)
+    assert [len(b) for b in recorder.batches] == [1, 4, 4, 2]  # queued items merged, capped
+
+
+def test_a_lone_request_runs_at_once_without_a_timeout() -> None:
+    recorder = Recorder()
+
+    async def scenario() -> None:
+        batcher = Batcher(recorder, max_batch_size=8, timeout_s=0, threads=2)
+        assert await batcher.submit([3]) == [9]
+        await batcher.close()
+
+    run_async(scenario)
+    assert recorder.batches == [[3]]
+
+
+def test_a_timeout_holds_a_partial_batch_for_late_callers() -> None:
+    recorder = Recorder()
+
+    async def scenario() -> None:
+        batcher = Batcher(recorder, max_batch_size=8, timeout_s=5.0, threads=1)
+        started = time.monotonic()
+        callers = []
+        for n in range(3):
+            callers.append(asyncio.create_task(batcher.submit([n])))
+            await asyncio.sleep(0.05)
+        assert [await c for c in callers] == [[0], [1], [4]]
+        assert time.monotonic() - started >= 4.5  # the partial batch waited for the timeout
+        await batcher.close()
+
+    run_async(scenario)
+    assert recorder.batches == [[0, 1, 2]]
+
+
+def test_a_full_batch_does_not_wait_for_the_timeout() -> None:
+    recorder = Recorder()
+
+    async def scenario() -> None:
+        batcher = Batcher(recorder, max_batch_size=2, timeout_s=30.0, threads=1)
+        started = time.monotonic()
+        assert await batcher.submit([2, 3]) == [4, 9]
+        assert time.monotonic() - started < 15
+        await batcher.close()
+
+    run_async(scenario)
+
+
+def test_batch_threads_run_batches_at_the_same_time() -> None:
+    both_running = threading.Barrier(2, timeout=WAIT_S)
+
+    def run(items: list[int]) -> list[int]:
+        both_running.wait()  # BrokenBarrierError unless a second batch runs meanwhile
+        return items
+
+    async def scenario() -> None:
+        batcher = Batcher(run, max_batch_size=1, timeout_s=0, threads=2)
+        assert await asyncio.gather(batcher.submit([1]), batcher.submit([2])) == [[1], [2]]
+        await batcher.close()
+
+    run_async(scenario)
+
+
+def test_a_withdrawn_caller_costs_no_compute() -> None:
+    gate = threading.Event()
+    recorder = Recorder(gate)
+
+    async def scenario() -> None:
+        batcher = Batcher(recorder, max_batch_size=4, timeout_s=0, threads=1)
+        first = asyncio.create_task(batcher.submit([1]))
+        await _until(lambda: len(recorder.batches) == 1)
+        withdrawn = asyncio.create_task(batcher.submit([2, 3]))
+        kept = asyncio.create_task(batcher.submit([4]))
+        await _until(lambda: batcher.queued() == 3)
+        withdrawn.cancel()  # what a deadline or a client disconnect does
+        await _until(lambda: batcher.queued() == 1)
+        gate.set()
+        assert await first == [1]
+        assert await kept == [16]
+        await batcher.close()
+
+    run_async(scenario)
+    assert recorder.batches == [[1], [4]]
+
+
+def test_a_failing_batch_fails_only_its_own_callers() -> None:
+    def run(items: list[int]) -> list[int]:
+        if 13 in items:
+            raise RuntimeError("unlucky batch")
+        return items
+
+    async def scenario() -> None:
+        batcher = Batcher(run, max_batch_size=1, timeout_s=0, threads=1)
+        unlucky, lucky = await asyncio.gather(
+            batcher.submit([13]), batcher.submit([7]), return_exceptions=True
+        )
+        assert isinstance(unlucky, RuntimeError)
+        assert lucky == [7]
+        assert await batcher.submit([8]) == [8]  # the batch loop survived
+        await batcher.close()
+
+    run_async(scenario)
+
+
+def test_close_cancels_every_waiting_caller() -> None:
+    gate = threading.Event()
+    recorder = Recorder(gate)
+
+    async def scenario() -> None:
+        batcher = Batcher(recorder, max_batch_size=1, timeout_s=0, threads=1)
+        running = asyncio.create_task(batcher.submit([1]))
+        await _until(lambda: len(recorder.batches) == 1)
+        queued = asyncio.create_task(batcher.submit([2]))
+        await _until(lambda: batcher.queued() == 1)
+        threading.Timer(0.2, gate.set).start()  # the running batch finishes during close()
+        await batcher.close()
+        for caller in (running, queued):
+            with pytest.raises(asyncio.CancelledError):
+                await caller
+
+    run_async(scenario)
+    assert recorder.batches == [[1]]
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the batcher"
+        await asyncio.sleep(0.005)
