@@ -54,7 +54,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="setting for every graft server started, e.g. GRAFT_MAX_LATENCY_MS=5000 "
+        help="setting for every graft server started, e.g. GRAFT_MAX_BATCH_SIZE=4 "
         "(repeatable; recorded in each result's command line): for before/after comparisons",
     )
     parser.add_argument(
