@@ -8,6 +8,12 @@ replaced version stays loaded as `previous`, so a request resolved just before a
 rollback to it, needs no load; anything older is dropped. A version that fails to load is
 marked FAILED with the reason and never retried (published versions are immutable); without a
 pin, the newest version that has not failed is served.
+
+Each model loads in a thread of its own, at most one load per model at a time, so a slow or
+hanging load holds back no other model, and the poller stays free: a rollback to `previous`
+swaps at once even while a load is in flight. A load that finishes after its model was pinned
+to another version is dropped instead of swapped in. `start()` returns once the first loads
+are done; `stop()` joins the poller and every load thread.
 """
 
 import logging
@@ -30,6 +36,9 @@ if TYPE_CHECKING:  # runtime imports TensorFlow; the entry process must not
 logger = logging.getLogger("graft.manager")
 
 Loader = Callable[[ModelRepository, str, int], "LoadedModel"]
+# A hanging load cannot be interrupted; stop() waits this long for it, then leaves it behind
+# (load threads are daemons).
+STOP_TIMEOUT_S = 30.0
 
 
 class VersionState(StrEnum):
@@ -60,6 +69,7 @@ class _Slot:
     active: "LoadedModel | None" = None
     previous: "LoadedModel | None" = None
     loading: int | None = None
+    load_thread: threading.Thread | None = None
     failed: dict[int, str] = field(default_factory=dict)
     on_disk: list[int] = field(default_factory=list)
     pin: int | None = None
@@ -91,15 +101,22 @@ class VersionManager:
         The first load is synchronous so that a (re)started inference process answers its
         first request with a warm model instead of "still loading".
         """
-        self._poll_safely()
+        for load in self._poll_safely():
+            load.join()
         self._thread = threading.Thread(target=self._run, name="graft-version-manager", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop polling and wait (STOP_TIMEOUT_S in all) for the poller and loads in flight."""
         self._stop.set()
         self._wake.set()
+        deadline = time.monotonic() + STOP_TIMEOUT_S
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=STOP_TIMEOUT_S)
+        with self._lock:
+            loads = [s.load_thread for s in self._slots.values() if s.load_thread is not None]
+        for load in loads:
+            load.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def refresh(self) -> None:
         """Poll now instead of at the next interval (after a push or a policy change)."""
@@ -130,7 +147,14 @@ class VersionManager:
             return [_status(name, slot) for name, slot in sorted(self._slots.items())]
 
     def poll_once(self) -> None:
-        """Scan the repository once and load whatever each model should be serving."""
+        """Scan the repository once and load whatever each model should be serving; returns
+        when the loads it started are done (models load side by side)."""
+        for load in self._poll():
+            load.join()
+
+    def _poll(self) -> list[threading.Thread]:
+        """Scan the repository once; start the loads it calls for and return their threads."""
+        loads = []
         for name in self._repository.models():
             try:
                 on_disk = self._repository.versions(name)
@@ -142,8 +166,10 @@ class VersionManager:
                 slot = self._slots.setdefault(name, _Slot())
                 slot.on_disk, slot.pin = on_disk, pin
                 wanted = _wanted(on_disk, pin, slot.failed)
-            if wanted is not None:
-                self._ensure(name, slot, wanted)
+                load = self._ensure(name, slot, wanted) if wanted is not None else None
+            if load is not None:
+                loads.append(load)
+        return loads
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -152,27 +178,48 @@ class VersionManager:
             if not self._stop.is_set():
                 self._poll_safely()
 
-    def _poll_safely(self) -> None:
+    def _poll_safely(self) -> list[threading.Thread]:
         try:
-            self.poll_once()
+            return self._poll()
         except Exception:  # the poller must survive anything a broken repository does
             logger.exception("polling the model repository failed")
+            return []
 
-    def _ensure(self, name: str, slot: _Slot, wanted: int) -> None:
-        with self._lock:
-            if slot.active is not None and slot.active.version == wanted:
-                return
-            if slot.previous is not None and slot.previous.version == wanted:
-                self._swap(name, slot, slot.previous)  # rollback: already warm
-                return
-            if wanted in slot.failed:
-                return
-            slot.loading = wanted
-        loaded = self._load(name, wanted, slot)
-        with self._lock:
-            slot.loading = None
-            if loaded is not None:
-                self._swap(name, slot, loaded)
+    def _ensure(self, name: str, slot: _Slot, wanted: int) -> threading.Thread | None:
+        """Under the lock: serve `wanted`, swapping at once if it is warm, else by starting
+        its load (unless this model has a load in flight: its end wakes the poller)."""
+        if slot.active is not None and slot.active.version == wanted:
+            return None
+        if slot.previous is not None and slot.previous.version == wanted:
+            self._swap(name, slot, slot.previous)  # rollback: already warm
+            return None
+        if wanted in slot.failed or slot.loading is not None or self._stop.is_set():
+            return None
+        slot.loading = wanted
+        slot.load_thread = threading.Thread(
+            target=self._load_and_swap,
+            args=(name, slot, wanted),
+            name=f"graft-load-{name}",
+            daemon=True,
+        )
+        slot.load_thread.start()
+        return slot.load_thread
+
+    def _load_and_swap(self, name: str, slot: _Slot, version: int) -> None:
+        """A load thread's body: load `version` while the active one serves, then swap."""
+        loaded = None
+        try:
+            loaded = self._load(name, version, slot)
+        finally:
+            with self._lock:
+                slot.loading = None
+                if loaded is not None and slot.pin in (None, version):
+                    self._swap(name, slot, loaded)
+                elif loaded is not None:
+                    logger.info(
+                        "model %s version %s dropped: pinned to %s", name, version, slot.pin
+                    )
+            self._wake.set()  # the wanted version may have moved on during the load
 
     def _load(self, name: str, version: int, slot: _Slot) -> "LoadedModel | None":
         started = time.perf_counter()

@@ -6,14 +6,16 @@ step is deterministic (the server tests cover the polling thread).
 
 import json
 import shutil
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from support.trained import COLOURS, tinted_photo
 
-from service.errors import ModelNotFound, RejectedModel
+from service.errors import ModelNotFound, NotReady, RejectedModel
 from service.inference import InferItem, InferResult, run_batch
 from service.manager import VersionManager, VersionState
 from service.manifest import Manifest, hash_tree
@@ -132,6 +134,87 @@ def test_a_failing_version_is_failed_with_its_reason_and_the_newest_good_one_ser
     assert status.active_version == 1 and manager.get(MODEL).version == 1
     manager.poll_once()  # never retried, still serving 1
     assert manager.get(MODEL).version == 1
+
+
+def _wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what} after {timeout_s} s"
+        time.sleep(0.05)
+
+
+def test_a_hanging_load_holds_back_no_other_model(
+    repository: ModelRepository, colour_export: Path
+) -> None:
+    """The polling thread as in production: while `slow`'s load is blocked, `quick`, published
+    after it, loads and serves; released, `slow` is swapped in."""
+    entered, release = threading.Event(), threading.Event()
+
+    def gated(repository: ModelRepository, name: str, version: int) -> LoadedModel:
+        if name == "slow":
+            entered.set()
+            release.wait(120)
+        return LoadedModel.load(repository, name, version)
+
+    manager = VersionManager(repository, poll_interval_s=0.1, loader=gated)
+    manager.start()
+    try:
+        repository.publish(colour_export, "slow")
+        _wait_until(entered.is_set, "the slow load to start")
+        repository.publish(colour_export, "quick")
+        _wait_until(lambda: manager.ready("quick"), "quick to load beside the blocked one")
+        states = {s.name: s.versions[0].state for s in manager.status()}
+        assert states == {
+            MODEL: VersionState.AVAILABLE,
+            "quick": VersionState.AVAILABLE,
+            "slow": VersionState.LOADING,
+        }
+        with pytest.raises(NotReady, match="still loading version 1"):
+            manager.get("slow")
+        release.set()
+        _wait_until(lambda: manager.ready("slow"), "slow to load once released")
+        assert manager.get("slow").version == 1
+    finally:
+        release.set()
+        manager.stop()
+    alive = [
+        t.name for t in threading.enumerate() if t.name in ("graft-load-slow", "graft-load-quick")
+    ]
+    assert alive == []
+
+
+def test_a_rollback_during_a_load_swaps_at_once_and_the_load_is_dropped(
+    repository: ModelRepository, colour_export: Path
+) -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    def gated(repository: ModelRepository, name: str, version: int) -> LoadedModel:
+        if version == 3:
+            entered.set()
+            release.wait(120)
+        return LoadedModel.load(repository, name, version)
+
+    manager = VersionManager(repository, poll_interval_s=0.1, loader=gated)
+    manager.poll_once()
+    repository.publish(colour_export, MODEL)
+    manager.start()  # v2 active, v1 previous
+    try:
+        repository.publish(colour_export, MODEL)
+        _wait_until(entered.is_set, "version 3 to start loading")
+        repository.set_pin(MODEL, 1)
+        _wait_until(lambda: manager.get(MODEL).version == 1, "the rollback during the load")
+        release.set()
+        _wait_until(lambda: _state(manager, 3) == VersionState.UNLOADED, "the load to end")
+        (status,) = manager.status()
+        assert (status.active_version, status.previous_version) == (1, 2)  # 3 was not swapped in
+    finally:
+        release.set()
+        manager.stop()
+
+
+def _state(manager: VersionManager, version: int) -> VersionState:
+    (status,) = manager.status()
+    return next(v.state for v in status.versions if v.version == version)
 
 
 def test_label_count_must_equal_the_output_width(tmp_path: Path, colour_export: Path) -> None:
