@@ -37,8 +37,20 @@ from service.settings import GraftSettings
 
 logger = logging.getLogger("graft.service")
 SETTINGS = GraftSettings()
-# BentoML's traffic timeout is a backstop behind the gateway's own per-request deadline.
-_TIMEOUT_S = SETTINGS.request_timeout_s + 10
+
+
+def traffic_timeouts_s(settings: GraftSettings) -> tuple[float, float]:
+    """BentoML's traffic timeouts (inference, entry): backstops behind graft's own bounds.
+
+    BentoML cuts any call that outlives them, so they must outlast the longest of those
+    bounds: a request's deadline and a push's model check (load + warm-up, GRAFT_PUSH_CHECK_
+    TIMEOUT_S). A push request also spends time receiving and publishing around its check.
+    """
+    inference = max(settings.request_timeout_s, settings.push_check_timeout_s) + 10
+    return inference, inference + settings.request_timeout_s
+
+
+_INFERENCE_TIMEOUT_S, _ENTRY_TIMEOUT_S = traffic_timeouts_s(SETTINGS)
 _RETRIES = 8  # after a connection-level failure: enough to drain a pool of dead connections
 
 
@@ -76,7 +88,7 @@ def _batching(settings: GraftSettings) -> dict[str, Any]:
 @bentoml.service(
     name="graft-inference",
     workers=1,
-    traffic={"timeout": _TIMEOUT_S},
+    traffic={"timeout": _INFERENCE_TIMEOUT_S},
     # Its callers are graft's own entry workers, which log every client request already.
     logging={"access": {"enabled": False}},
 )
@@ -193,7 +205,7 @@ def _current_gateway() -> Gateway:
 
 
 @bentoml.asgi_app(build_app(_current_gateway), path="/")
-@bentoml.service(name="graft", workers=SETTINGS.workers, traffic={"timeout": _TIMEOUT_S})
+@bentoml.service(name="graft", workers=SETTINGS.workers, traffic={"timeout": _ENTRY_TIMEOUT_S})
 class Graft:
     inference = bentoml.depends(Inference)
 

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -37,6 +37,11 @@ class GraftSettings(BaseSettings):
         40_000_000, ge=1, description="Read from the image header; larger images are refused."
     )
     request_timeout_s: float = Field(30.0, gt=0, description="Per-request deadline (504).")
+    push_check_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="How long a push's model check (load + warm-up) and reload may take (504).",
+    )
     max_queue: int = Field(
         256, ge=1, description="Images waiting for inference before new requests get 503."
     )
@@ -52,3 +57,14 @@ class GraftSettings(BaseSettings):
         description="On SIGTERM, how long /readyz answers 503 before the server stops "
         "(so load balancers stop routing first); in-flight requests then finish.",
     )
+
+    @model_validator(mode="after")
+    def _requests_fit_the_queue(self) -> "GraftSettings":
+        # A request larger than the queue could never be admitted: it would get 503 for ever.
+        if self.max_images_per_request > self.max_queue:
+            raise ValueError(
+                f"GRAFT_MAX_IMAGES_PER_REQUEST ({self.max_images_per_request}) is over "
+                f"GRAFT_MAX_QUEUE ({self.max_queue}), so the largest allowed request could never "
+                "be queued; raise GRAFT_MAX_QUEUE or lower GRAFT_MAX_IMAGES_PER_REQUEST"
+            )
+        return self

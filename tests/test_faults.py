@@ -184,6 +184,7 @@ def tight_server(
     ModelRepository(root).publish(small_export, "m")
     env = {
         "GRAFT_MAX_QUEUE": str(QUEUE),
+        "GRAFT_MAX_IMAGES_PER_REQUEST": str(QUEUE),  # graft serve refuses more than the queue
         "GRAFT_REQUEST_TIMEOUT_S": "1",
         "GRAFT_SHUTDOWN_DRAIN_S": "1",
     }
@@ -267,6 +268,22 @@ def test_full_queue_is_503_with_retry_after_at_once_and_the_deadline_504(
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in grpc_codes, grpc_codes
     wait_until_idle(tight_server)
     assert images_in_flight(tight_server) == 0, "the timed-out request kept its queue slots"
+
+
+def test_a_request_larger_than_the_queue_is_400_not_an_endless_503(
+    tight_server: RunningServer,
+) -> None:
+    response = post(tight_server, [small()] * (QUEUE + 1))
+    assert response.status_code == 400, response.text
+    message = response.json()["message"]
+    assert "split" in message and "GRAFT_MAX_IMAGES_PER_REQUEST" in message, message
+    with grpc.insecure_channel(tight_server.grpc_target or "") as channel:
+        stub = pb_grpc.ImageClassifierStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Classify(pb.ClassifyRequest(images=[small()] * (QUEUE + 1)), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "split" in (refused.value.details() or "")
+    wait_until_idle(tight_server)  # while the largest allowed request is served
 
 
 def test_clients_that_disconnect_mid_inference_leak_no_slot(

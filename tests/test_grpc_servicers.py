@@ -60,8 +60,12 @@ class InProcessInference:
 
     def __init__(self, manager: VersionManager) -> None:
         self._manager = manager
+        self.running = threading.Event()  # a test clears it to hold admitted requests
+        self.running.set()
 
     async def infer(self, items: list[InferItem]) -> list[InferResult]:
+        if not self.running.is_set():
+            await asyncio.to_thread(self.running.wait, 120)
         return await asyncio.to_thread(run_batch, self._manager, items)
 
     async def status(self) -> list[ModelStatus]:
@@ -96,6 +100,7 @@ class Stack:
     root: Path
     release_late_model: threading.Event
     gateway: Gateway
+    inference: InProcessInference
     loop: LoopThread
 
 
@@ -125,15 +130,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         grpc_port=_free_port(),
         grpc_max_message_bytes=MAX_MESSAGE,
         max_queue=MAX_QUEUE,
+        max_images_per_request=MAX_QUEUE,
     )
-    gateway = Gateway(InProcessInference(manager), settings)
+    inference = InProcessInference(manager)
+    gateway = Gateway(inference, settings)
     loop = LoopThread()
     server = loop.run(_serve(gateway, settings))
-    stack = Stack(f"127.0.0.1:{settings.grpc_port}", root, release, gateway, loop)
+    stack = Stack(f"127.0.0.1:{settings.grpc_port}", root, release, gateway, inference, loop)
     with GrpcClient(stack.address) as client:
         _wait_until(lambda: client.ready(MODEL), "the tiny model to load")
-        # Published only now: start() waits for the first loads, so a gated model published
-        # before it would hold the whole fixture back.
+        # Published only now: the manager loads one version at a time, so a gated model
+        # listed before MODEL would hold MODEL back too.
         publish_tiny_model(root, LATE_MODEL, labels=("cat", "dog"))
         _wait_until(lambda: _is_loading(client), "the late model to be seen")
     yield stack
@@ -317,12 +324,35 @@ def test_a_message_over_the_limit_is_resource_exhausted(client: GrpcClient) -> N
         client.classify([b"\xff\xd8\xff" + bytes(MAX_MESSAGE)])
 
 
-def test_overload_is_resource_exhausted_with_a_retry_pushback(
+def test_more_images_than_the_queue_holds_is_invalid_argument(
     channel: grpc.Channel, cat_photo: bytes
 ) -> None:
     request = pb.ClassifyRequest(images=[cat_photo] * (MAX_QUEUE + 1))
     with pytest.raises(grpc.RpcError) as failure:
         pb_grpc.ImageClassifierStub(channel).Classify(request, timeout=60)
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # retrying cannot help
+    assert "split" in (failure.value.details() or "")
+
+
+def test_overload_is_resource_exhausted_with_a_retry_pushback(
+    stack: Stack, channel: grpc.Channel, cat_photo: bytes
+) -> None:
+    stub = pb_grpc.ImageClassifierStub(channel)
+    stack.inference.running.clear()
+    holder = threading.Thread(  # fills the queue, then waits until the test lets it run
+        target=stub.Classify, args=(pb.ClassifyRequest(images=[cat_photo] * MAX_QUEUE), 120)
+    )
+    holder.start()
+    try:
+        _wait_until(
+            lambda: REGISTRY.get_sample_value("graft_images_in_flight") == MAX_QUEUE,
+            "the queue to fill",
+        )
+        with pytest.raises(grpc.RpcError) as failure:
+            stub.Classify(pb.ClassifyRequest(images=[cat_photo]), timeout=60)
+    finally:
+        stack.inference.running.set()
+        holder.join()
     assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     trailers = dict(failure.value.trailing_metadata())
     assert trailers["graft-error-code"] == "overloaded"

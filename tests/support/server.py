@@ -109,6 +109,19 @@ def wait_for_model(server: RunningServer, name: str, timeout_s: float = START_TI
     )
 
 
+def kill_9(server: RunningServer) -> None:
+    """SIGKILL the whole server, as a crash or an OOM kill would: `graft serve` and every
+    BentoML process below it (BentoML starts its workers in sessions of their own, so the
+    process group alone would miss them). Parents go first, so that nothing is respawned."""
+    import psutil  # a BentoML dependency
+
+    root = psutil.Process(server.process.pid)
+    for process in [root, *root.children(recursive=True)]:
+        with suppress(psutil.NoSuchProcess):
+            process.kill()
+    server.process.wait()
+
+
 def _wait_ready(server: RunningServer, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

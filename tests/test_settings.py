@@ -1,0 +1,42 @@
+"""Serving settings: combinations that could never work are refused when `graft serve` starts."""
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from service.settings import GraftSettings
+from training.cli import app
+
+
+def test_a_request_limit_over_the_queue_is_refused_naming_both_settings() -> None:
+    with pytest.raises(ValidationError) as refused:
+        GraftSettings(max_images_per_request=65, max_queue=64)
+    message = str(refused.value)
+    assert "GRAFT_MAX_IMAGES_PER_REQUEST (65)" in message
+    assert "GRAFT_MAX_QUEUE (64)" in message
+    assert GraftSettings(max_images_per_request=64, max_queue=64).max_queue == 64
+
+
+def test_graft_serve_refuses_it_before_starting(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["serve", "--model-root", str(tmp_path)], env={"GRAFT_MAX_QUEUE": "8"}
+    )
+    assert result.exit_code == 2, result.output
+    assert "GRAFT_MAX_IMAGES_PER_REQUEST" in result.output
+    assert "GRAFT_MAX_QUEUE" in result.output
+    assert not any(tmp_path.iterdir()), "nothing may be installed into a refused model root"
+
+
+def test_bentoml_never_cuts_a_push_check_or_a_request_short() -> None:
+    from service.bento import Graft, Inference, traffic_timeouts_s
+
+    served = GraftSettings()  # read from the same environment as service.bento read it
+    assert Inference.config["traffic"]["timeout"] > served.push_check_timeout_s
+    assert Graft.config["traffic"]["timeout"] > Inference.config["traffic"]["timeout"]
+    settings = GraftSettings(request_timeout_s=1, push_check_timeout_s=600)
+    inference, entry = traffic_timeouts_s(settings)
+    assert inference > 600 and entry > inference
+    inference, entry = traffic_timeouts_s(GraftSettings(request_timeout_s=900))
+    assert inference > 900 and entry > inference
