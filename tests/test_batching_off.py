@@ -7,9 +7,9 @@ import concurrent.futures
 from pathlib import Path
 
 import httpx
+from support.metrics import histogram
 from support.server import running_server
 from support.trained import COLOURS, tinted_photo
-from test_serving_http import _histogram
 
 MODEL = "colours"
 
@@ -31,6 +31,6 @@ def test_batch_size_one_serves_every_request_alone(colour_model_root: Path) -> N
             assert all(pool.map(one, range(32)))
         metrics = httpx.get(f"{server.http}/metrics", timeout=10).text
 
-    batches = _histogram(metrics, "graft_inference_batch_size", MODEL)
+    batches = histogram(metrics, "graft_inference_batch_size", MODEL)
     assert batches["count"] >= 32
     assert batches["count"] == batches["sum"], "a batch held more than one image"

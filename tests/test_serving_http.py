@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from support.metrics import histogram
 from support.server import running_server, wait_for_model
 from support.trained import COLOURS, tinted_photo
 
@@ -222,39 +223,23 @@ def test_concurrent_clients_form_batches_and_metrics_count_them(server, http: ht
         assert re.search(rf"entry_service:graft:{worker}\].*path=/classify", log), worker
     scrapes = [httpx.get(f"{server.http}/metrics").text for _ in range(4)]
     counts = {
-        _histogram(m, "graft_request_duration_seconds", route="/classify")["count"] for m in scrapes
+        histogram(m, "graft_request_duration_seconds", route="/classify")["count"] for m in scrapes
     }
     assert len(counts) == 1, f"workers disagree: {counts}"  # one aggregated view
     metrics = scrapes[0]
-    batches = _histogram(metrics, "graft_inference_batch_size", MODEL)
+    batches = histogram(metrics, "graft_inference_batch_size", MODEL)
     assert batches["count"] > 0
     assert batches["count"] < batches["sum"], "no inference batch held more than one image"
-    requests = _histogram(metrics, "graft_request_duration_seconds", MODEL, route="/classify")
+    requests = histogram(metrics, "graft_request_duration_seconds", MODEL, route="/classify")
     assert requests["count"] >= 96
     for name in ("graft_inference_duration_seconds", "graft_queue_wait_seconds"):
-        assert _histogram(metrics, name)["count"] > 0, name
-    assert _histogram(metrics, "graft_prediction_confidence", MODEL)["count"] >= 96
+        assert histogram(metrics, name)["count"] > 0, name
+    assert histogram(metrics, "graft_prediction_confidence", MODEL)["count"] >= 96
     assert re.search(r'graft_predictions_total{[^}]*label="red"[^}]*} [1-9]', metrics)
     assert re.search(rf'graft_model_active_version{{model="{MODEL}"}} 1\.0', metrics)
     assert re.search(rf'graft_model_loads_total{{model="{MODEL}",outcome="loaded"}} 1\.0', metrics)
     assert re.search(r'graft_requests_rejected_total{reason="[a-z_]+"} [1-9]', metrics)
     assert "graft_images_in_flight 0.0" in metrics  # every admitted image was answered
-
-
-def _histogram(text: str, name: str, model: str | None = None, route: str | None = None) -> dict:
-    """Sum `_count` and `_sum` of a histogram over the series that match model/route."""
-    totals = {"count": 0.0, "sum": 0.0}
-    for line in text.splitlines():
-        match = re.match(rf"{name}_(count|sum)(?:{{(.*)}})? (\S+)$", line)
-        if not match:
-            continue
-        labels = match.group(2) or ""
-        if model and f'model="{model}"' not in labels:
-            continue
-        if route and f'route="{route}"' not in labels:
-            continue
-        totals[match.group(1)] += float(match.group(3))
-    return totals
 
 
 def test_python_client_classifies_paths_and_bytes_and_raises_graft_errors(
