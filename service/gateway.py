@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, Protocol, TypeVar
 
@@ -59,6 +59,17 @@ class Prediction:
     version: int
     labels: list[str]
     probabilities: np.ndarray  # float32 [n, C], one row per image in request order
+
+
+@dataclass(frozen=True)
+class InferenceRequest:
+    """One classification request on its way to the inference service."""
+
+    images: list[bytes]
+    model: str
+    version: int | None  # None: the active version
+    deadline: float | None  # time.monotonic() instant; None: GRAFT_REQUEST_TIMEOUT_S from now
+    protocol: str
 
 
 class Gateway:
@@ -143,30 +154,25 @@ class Gateway:
     ) -> Prediction:
         name = model or self._settings.default_model
         with self.observe(protocol, route, name, version) as outcome:
-            prediction = await self._predict(images, name, version, deadline, protocol)
+            request = InferenceRequest(images, name, version, deadline, protocol)
+            prediction = await self._predict(request)
             outcome["version"] = str(prediction.version)
             return prediction
 
-    async def _predict(
-        self,
-        images: list[bytes],
-        name: str,
-        version: int | None,
-        deadline: float | None,
-        protocol: str,
-    ) -> Prediction:
-        validate_name(name)
-        images = self._validated(images)
+    async def _predict(self, request: InferenceRequest) -> Prediction:
+        name = validate_name(request.model)
+        images = self._validated(request.images)
+        deadline = request.deadline
         if deadline is None:  # one deadline for the whole request, retry included
             deadline = time.monotonic() + self._settings.request_timeout_s
-        resolved = version if version is not None else self._active_version(name)
+        checked = replace(request, images=images, deadline=deadline)
+        resolved = request.version if request.version is not None else self._active_version(name)
         with self._admitted(len(images)):
-            results = await self._infer(images, name, resolved, deadline, protocol)
-            if version is None and any(r.error_code == ModelNotFound.code for r in results):
+            results = await self._infer(replace(checked, version=resolved))
+            if request.version is None and any(r.error_code == ModelNotFound.code for r in results):
                 # The cached active version was swapped out twice since the last status poll.
                 await self.refresh_status()
-                active = self._active_version(name)
-                results = await self._infer(images, name, active, deadline, protocol)
+                results = await self._infer(replace(checked, version=self._active_version(name)))
         _raise_first_error(results)
         served = results[0].version
         assert served is not None  # a successful result always names its version
@@ -188,20 +194,19 @@ class Gateway:
         pixels = self._settings.max_image_pixels
         return [check_image(data, max_pixels=pixels, index=i).data for i, data in enumerate(images)]
 
-    async def _infer(
-        self,
-        images: list[bytes],
-        name: str,
-        version: int | None,
-        deadline: float | None,
-        protocol: str,
-    ) -> list[InferResult]:
+    async def _infer(self, request: InferenceRequest) -> list[InferResult]:
         now = time.time()
         items = [
-            InferItem(model=name, version=version, image=i, enqueued_at=now, protocol=protocol)
-            for i in images
+            InferItem(
+                model=request.model,
+                version=request.version,
+                image=image,
+                enqueued_at=now,
+                protocol=request.protocol,
+            )
+            for image in request.images
         ]
-        return await self._call(self._backend.infer(items), deadline)
+        return await self._call(self._backend.infer(items), request.deadline)
 
     async def _call(self, work: Awaitable[T], deadline: float | None) -> T:
         """Await a backend call under the deadline, mapping transport failures to GraftErrors."""

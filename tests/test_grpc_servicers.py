@@ -139,8 +139,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     stack = Stack(f"127.0.0.1:{settings.grpc_port}", root, release, gateway, inference, loop)
     with GrpcClient(stack.address) as client:
         _wait_until(lambda: client.ready(MODEL), "the tiny model to load")
-        # Published only now: the manager loads one version at a time, so a gated model
-        # listed before MODEL would hold MODEL back too.
+        # Published only now: start() waits for the first loads, so a gated model published
+        # before it would hold the whole fixture back.
         publish_tiny_model(root, LATE_MODEL, labels=("cat", "dog"))
         _wait_until(lambda: _is_loading(client), "the late model to be seen")
     yield stack
