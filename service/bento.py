@@ -1,9 +1,9 @@
 """graft's BentoML services: `Graft` (the entry service) and `Inference` (internal).
 
-- `Inference` owns the loaded models (through the VersionManager) and the batchable `infer`
-  API: BentoML's adaptive batching merges the images of concurrent requests, from every
-  protocol, into one batch per call of the SavedModel. One worker process: the models live
-  there once, and TensorFlow already uses every core inside a batch.
+- `Inference` owns the loaded models (through the VersionManager) and the `infer` API, whose
+  adaptive batcher (service.batcher) merges the images of concurrent requests, from every
+  protocol, into batches of SavedModel calls, several running at once. One worker process:
+  the models live there once, and TensorFlow already uses every core.
 - `Graft` is what clients reach: the HTTP routes (a Starlette app mounted at /), the request
   guard (no pickle, body limits), readiness, metrics and the management API, and the gRPC
   server when `grpc_port` is not 0. It never imports TensorFlow, so extra entry workers
@@ -18,6 +18,7 @@ import importlib.util
 import logging
 import math
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import bentoml
 from pydantic import BaseModel
 
 from service.asgi_guard import RequestGuard
+from service.batcher import Batcher
 from service.errors import GraftError, RejectedModel
 from service.gateway import Gateway, error_from_code
 from service.http_api import build_app
@@ -73,18 +75,6 @@ class MetadataReply(Reply):
     metadata: ModelMetadata | None = None
 
 
-def _batching(settings: GraftSettings) -> dict[str, Any]:
-    """`infer`'s batching options. BentoML refuses a batchable API with max_batch_size 1, so 1
-    means batching off: every request's images are one call, as a per-request server does."""
-    if settings.max_batch_size == 1:
-        return {"batchable": False}
-    return {
-        "batchable": True,
-        "max_batch_size": settings.max_batch_size,
-        "max_latency_ms": settings.max_latency_ms,
-    }
-
-
 @bentoml.service(
     name="graft-inference",
     workers=1,
@@ -97,17 +87,24 @@ class Inference:
         repository = ModelRepository(SETTINGS.model_root)
         self.manager = VersionManager(repository, SETTINGS.poll_interval_s)
         self.manager.start()
+        self.batcher = Batcher(
+            partial(run_batch, self.manager),
+            max_batch_size=SETTINGS.max_batch_size,
+            timeout_s=SETTINGS.batch_timeout_ms / 1000,
+            threads=SETTINGS.batch_threads,
+        )
 
     @bentoml.on_shutdown
-    def stop(self) -> None:
+    async def stop(self) -> None:
+        await self.batcher.close()
         self.manager.stop()
 
     def __is_ready__(self) -> bool:
         return self.manager.ready(SETTINGS.default_model)
 
-    @bentoml.api(**_batching(SETTINGS))
-    def infer(self, items: list[InferItem]) -> list[InferResult]:
-        return run_batch(self.manager, items)
+    @bentoml.api
+    async def infer(self, items: list[InferItem]) -> list[InferResult]:
+        return await self.batcher.submit(items)
 
     @bentoml.api
     def status(self) -> list[ModelStatus]:

@@ -377,10 +377,7 @@ def _transport_error(exc: Exception) -> GraftError:
     """The inference service refused or failed a call: 503 when it is overloaded or down."""
     status = getattr(getattr(exc, "error_code", None), "value", None)
     if status == 503:
-        return Overloaded(
-            "the inference queue is full: adaptive batching predicted a wait over "
-            "GRAFT_MAX_LATENCY_MS; retry after a second"
-        )
+        return Overloaded("the inference service is overloaded; retry after a second")
     if isinstance(exc, ConnectionError | OSError):
         return Overloaded(f"the inference service is unreachable ({exc}); retry shortly")
     logger.exception("inference call failed", exc_info=exc)

@@ -25,10 +25,6 @@ import httpx
 
 START_TIMEOUT_S = 180.0  # two TensorFlow processes start on a contended 2-core machine
 STOP_TIMEOUT_S = 30.0
-# BentoML's adaptive batching sheds (503) requests it predicts will wait longer than
-# max_latency_ms. On a 2-core machine shared with other test runs, inference time swings
-# widely, so tests pin the 10 s default unless they set GRAFT_MAX_LATENCY_MS themselves.
-TEST_SETTINGS = {"GRAFT_MAX_LATENCY_MS": "10000"}
 
 
 @dataclass(frozen=True)
@@ -75,7 +71,7 @@ def running_server(
         "--workers", str(workers),
     ]  # fmt: skip
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("GRAFT_")}
-    child_env.update({**TEST_SETTINGS, **(env or {})})
+    child_env.update(env or {})
     log = Path(tempfile.mkstemp(prefix="graft-serve-", suffix=".log")[1])
     with log.open("wb") as sink:
         process = subprocess.Popen(
