@@ -24,14 +24,14 @@ class GraftSettings(BaseSettings):
     )
     poll_interval_s: float = Field(2.0, gt=0, description="How often the repository is polled.")
     max_batch_size: int = Field(
-        8, ge=1, description="Adaptive batching: most images per model call; 1 turns it off."
+        4, ge=1, description="Adaptive batching: most images per model call; 1 turns it off."
     )
     batch_timeout_ms: float = Field(
         0.0,
         ge=0,
         description="Adaptive batching: how long a free batch thread waits for a fuller batch.",
     )
-    batch_threads: int = Field(2, ge=1, description="Batches that run at the same time.")
+    batch_threads: int = Field(3, ge=1, description="Batches that run at the same time.")
     max_body_bytes: int = Field(16 * MiB, ge=1, description="Larger request bodies get 413.")
     max_images_per_request: int = Field(64, ge=1)
     max_image_pixels: int = Field(
