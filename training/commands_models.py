@@ -78,7 +78,14 @@ def push(
         str | None,
         typer.Option("--token", envvar="GRAFT_ADMIN_TOKEN", help="The service's admin token."),
     ] = None,
-    timeout_s: Annotated[float, typer.Option("--timeout", help="Seconds for the upload.")] = 300,
+    timeout_s: Annotated[
+        float,
+        typer.Option(
+            "--timeout",
+            help="Seconds to wait for the answer: upload, model check (the server allows "
+            "GRAFT_PUSH_CHECK_TIMEOUT_S, 300 by default) and publish.",
+        ),
+    ] = 420,
 ) -> None:
     """Upload an export to a running service, which publishes it; prints the new version.
 
