@@ -33,6 +33,7 @@ class Profile:
     duration_s: float
     images: int  # distinct photos sent, round-robin over the class folders
     ceiling_batches: tuple[int, ...]
+    ceiling_callers: tuple[int, ...]  # threads calling the model at once, each on its batches
     ceiling_duration_s: float
     open_fractions: tuple[float, ...]  # open-loop rates, as fractions of the ceiling
     switch_duration_s: float
@@ -54,6 +55,7 @@ FULL = Profile(
     duration_s=20.0,
     images=256,
     ceiling_batches=(1, 4, 16, 32),
+    ceiling_callers=(1, 2),
     ceiling_duration_s=10.0,
     open_fractions=(0.5, 0.8),
     switch_duration_s=45.0,
@@ -65,7 +67,8 @@ QUICK = Profile(
     warmup_s=1.0,
     duration_s=3.0,
     images=48,
-    ceiling_batches=(1, 32),
+    ceiling_batches=(1, 4),
+    ceiling_callers=(1, 2),
     ceiling_duration_s=2.0,
     open_fractions=(0.5,),
     switch_duration_s=18.0,

@@ -116,13 +116,19 @@ def throughput_table(results: Results) -> list[str]:
         ratio = _f(c16 / ceiling, 2) if c16 and ceiling else "–"
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio} |")
     if ceiling:
-        best = results["ceiling"]["best_batch_size"]
+        # results from before concurrent callers were measured have no count: one thread then
+        best = results["ceiling"]
         lines.append(
-            f"| in-process ceiling (batch {best}) | "
+            f"| in-process ceiling (batch {best['best_batch_size']} x "
+            f"{_callers(best.get('best_callers', 1))}) | "
             + " | ".join(_f(ceiling) for _ in levels)
             + " | 1.00 |"
         )
     return lines
+
+
+def _callers(n: int) -> str:
+    return f"{n} caller" if n == 1 else f"{n} callers"
 
 
 def latency_table(results: Results) -> list[str]:
@@ -171,11 +177,12 @@ def open_loop_table(results: Results) -> list[str]:
 def ceiling_table(results: Results) -> list[str]:
     rows = results.get("ceiling", {}).get("rows", [])
     lines = [
-        "| batch size | img/s | p50 ms per call | p99 ms per call | CPU cores |",
-        "|---|---|---|---|---|",
+        "| batch size | callers | img/s | p50 ms per call | p99 ms per call | CPU cores |",
+        "|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['batch_size']} | {_f(r['throughput_ips'])} | {_f(r['latency_ms']['p50'])} | "
+        f"| {r['batch_size']} | {r.get('callers', 1)} | {_f(r['throughput_ips'])} | "
+        f"{_f(r['latency_ms']['p50'])} | "
         f"{_f(r['latency_ms']['p99'])} | {_f(r.get('cpu_cores'), 2)} |"
         for r in rows
     ]

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.ceiling import summarize as ceiling_summary
 from bench.config import BENCH_DIR, RESULTS_DIR, Profile
 from bench.images import REPO_ROOT
 from bench.meta import CONTENTION_THRESHOLD
@@ -194,25 +195,18 @@ def ceiling(ctx: Context) -> dict[str, Any]:
         "model_dir": str(ctx.model.path),
         "images": ctx.images(),
         "batch_sizes": list(p.ceiling_batches),
+        "callers": list(p.ceiling_callers),
         "warmup_calls": 1 if ctx.quick else 3,
         "duration_s": p.ceiling_duration_s,
     }
     rows = _subprocess_json(ctx, "bench.ceiling", spec, "ceiling")
     for row in rows:
         print(
-            f"  ceiling          batch={row['batch_size']:<6} {row['throughput_ips']:7.1f} "
-            f"img/s  p50 {row['latency_ms']['p50']:7.1f} ms",
+            f"  ceiling          batch={row['batch_size']:<4} callers={row['callers']:<3} "
+            f"{row['throughput_ips']:7.1f} img/s  p50 {row['latency_ms']['p50']:7.1f} ms",
             flush=True,
         )
-    best = max(rows, key=lambda r: r["throughput_ips"])
-    batch1 = next((r for r in rows if r["batch_size"] == 1), None)
-    return {
-        "rows": rows,
-        "best_throughput_ips": best["throughput_ips"],
-        "best_batch_size": best["batch_size"],
-        "batch1_latency_ms": batch1["latency_ms"] if batch1 else None,
-        "contended": any(r["contended"] for r in rows),
-    }
+    return ceiling_summary(rows)
 
 
 def graft_http(ctx: Context, server: Server) -> dict[str, Any]:

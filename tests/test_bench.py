@@ -14,6 +14,8 @@ from support.exports import make_tiny_export
 from support.images import encode, random_rgb
 
 from bench import report
+from bench.ceiling import measure
+from bench.ceiling import summarize as ceiling_summary
 from bench.images import image_paths, load_images
 from bench.loadgen import poisson_offsets, run_spec
 from bench.procs import ServerFailed, free_port, http_ok, serve
@@ -159,12 +161,41 @@ def test_raw_client_reads_chunked_answers_and_reconnects_after_close():
 # -- the ceiling and the statistics ---------------------------------------------------------------
 
 
-def test_ceiling_measures_every_batch_size(model_dir: Path, image_dir: Path):
-    from bench.ceiling import measure
-
-    rows = measure(model_dir, load_images(image_dir, 8), [1, 4], warmup_calls=1, duration_s=0.5)
-    assert [r["batch_size"] for r in rows] == [1, 4]
+def test_ceiling_measures_every_batch_size_with_each_number_of_callers(
+    model_dir: Path, image_dir: Path
+):
+    images = load_images(image_dir, 8)
+    rows = measure(model_dir, images, [1, 4], [1, 2], warmup_calls=1, duration_s=0.5)
+    assert [(r["batch_size"], r["callers"]) for r in rows] == [(1, 1), (1, 2), (4, 1), (4, 2)]
     assert all(r["calls"] > 0 and r["throughput_ips"] > 0 for r in rows)
+    # two callers each keep calling until the deadline, so at least one call each is counted
+    assert all(r["calls"] >= 2 for r in rows if r["callers"] == 2)
+    assert all(r["throughput_ips"] * 0.5 <= r["batch_size"] * r["calls"] for r in rows)
+
+
+def _ceiling_row(batch_size: int, callers: int, ips: float, p50: float) -> dict:
+    latency = {"p50": p50, "p95": p50, "p99": p50}
+    return {
+        "batch_size": batch_size,
+        "callers": callers,
+        "throughput_ips": ips,
+        "latency_ms": latency,
+        "contended": False,
+    }
+
+
+def test_the_ceiling_is_the_best_row_but_t5_keeps_the_lone_batch_1_call():
+    rows = [
+        _ceiling_row(1, 1, 30.0, 33.0),
+        _ceiling_row(1, 2, 40.0, 50.0),
+        _ceiling_row(4, 1, 50.0, 80.0),
+        _ceiling_row(4, 2, 58.0, 138.0),
+    ]
+    summary = ceiling_summary(rows)
+    assert (summary["best_throughput_ips"], summary["best_batch_size"]) == (58.0, 4)
+    assert summary["best_callers"] == 2
+    assert summary["batch1_latency_ms"]["p50"] == 33.0  # one caller, not the two-caller row
+    assert ceiling_summary(rows[2:])["batch1_latency_ms"] is None
 
 
 def test_summarize_counts_only_the_window():
@@ -354,6 +385,28 @@ def test_training_targets_are_judged_on_training_bench_figures():
         ("T8.5", None),
     ]
     assert rows[0].figure == "0.991" and "phase1_epoch_speedup" in rows[4].figure
+
+
+def test_the_report_names_the_ceiling_row_by_batch_and_callers():
+    rows = [_ceiling_row(4, 1, 50.0, 80.0), _ceiling_row(4, 2, 58.0, 138.0)]
+    results = {"ceiling": _section("ceiling", **ceiling_summary(rows))}
+    assert report.ceiling_table(results)[2:] == [
+        "| 4 | 1 | 50.0 | 80.0 | 80.0 | – |",
+        "| 4 | 2 | 58.0 | 138.0 | 138.0 | – |",
+    ]
+    assert report.throughput_table(results)[-1].startswith(
+        "| in-process ceiling (batch 4 x 2 callers) |"
+    )
+
+
+def test_a_ceiling_measured_before_callers_renders_as_one_caller():
+    old_row = {k: v for k, v in _ceiling_row(4, 1, 50.1, 80.0).items() if k != "callers"}
+    old = _section("ceiling", rows=[old_row], best_throughput_ips=50.1, best_batch_size=4)
+    results = {"ceiling": old}
+    assert report.ceiling_table(results)[2] == "| 4 | 1 | 50.1 | 80.0 | 80.0 | – |"
+    assert report.throughput_table(results)[-1].startswith(
+        "| in-process ceiling (batch 4 x 1 caller) |"
+    )
 
 
 def test_a_failed_section_stays_on_one_table_row():
