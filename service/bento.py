@@ -26,6 +26,7 @@ import aiohttp
 import bentoml
 from pydantic import BaseModel
 
+from service import traffic
 from service.asgi_guard import RequestGuard
 from service.batcher import Batcher
 from service.errors import GraftError, RejectedModel
@@ -39,6 +40,7 @@ from service.settings import GraftSettings
 
 logger = logging.getLogger("graft.service")
 SETTINGS = GraftSettings()
+traffic.install()  # before BentoML builds the apps of these services
 
 
 def traffic_timeouts_s(settings: GraftSettings) -> tuple[float, float]:
