@@ -95,24 +95,23 @@ def test_bentomls_own_middleware_does_retain_them() -> None:
     assert asyncio.run(payloads_alive(bentomls)) == 20
 
 
-def test_a_request_without_an_answer_gets_504_after_the_timeout() -> None:
+def get_through_graft_s_middleware(path: str, timeout: float) -> httpx.Response:
     async def scenario() -> httpx.Response:
-        transport = httpx.ASGITransport(app=app_with(traffic.TimeoutMiddleware, 0.5)[0])
+        transport = httpx.ASGITransport(app=app_with(traffic.TimeoutMiddleware, timeout)[0])
         async with httpx.AsyncClient(transport=transport, base_url="http://graft") as client:
-            return await client.get("/hang")
+            return await client.get(path)
 
-    response = asyncio.run(asyncio.wait_for(scenario(), 30))
+    return asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def test_a_request_without_an_answer_gets_504_after_the_timeout() -> None:
+    response = get_through_graft_s_middleware("/hang", timeout=0.5)
     assert response.status_code == 504
     assert "0.5 seconds" in response.json()["error"]
 
 
 def test_an_answer_that_has_started_is_not_cut_by_the_timeout() -> None:
-    async def scenario() -> httpx.Response:
-        transport = httpx.ASGITransport(app=app_with(traffic.TimeoutMiddleware, 0.2)[0])
-        async with httpx.AsyncClient(transport=transport, base_url="http://graft") as client:
-            return await client.get("/stream")
-
-    response = asyncio.run(asyncio.wait_for(scenario(), 30))
+    response = get_through_graft_s_middleware("/stream", timeout=0.2)
     assert response.status_code == 200
     assert response.content == b"xxx"
 
