@@ -40,3 +40,21 @@ def test_bentoml_never_cuts_a_push_check_or_a_request_short() -> None:
     assert inference > 600 and entry > inference
     inference, entry = traffic_timeouts_s(GraftSettings(request_timeout_s=900))
     assert inference > 900 and entry > inference
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("GRAFT_BATCH_THREADS", "0"),
+        ("GRAFT_BATCH_THREADS", "two"),
+        ("GRAFT_BATCH_TIMEOUT_MS", "-1"),
+        ("GRAFT_MAX_BATCH_SIZE", "0"),
+    ],
+)
+def test_batching_settings_out_of_range_are_refused_naming_the_setting(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError) as refused:
+        GraftSettings()
+    assert variable.removeprefix("GRAFT_").lower() in str(refused.value)
