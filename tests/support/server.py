@@ -118,6 +118,25 @@ def kill_9(server: RunningServer) -> None:
     server.process.wait()
 
 
+@contextmanager
+def paused_inference(server: RunningServer) -> Iterator[None]:
+    """Freeze the model worker (SIGSTOP), as a hung model or a stalled host would, and resume
+    it (SIGCONT) on exit: requests already admitted stay admitted until their deadline."""
+    import psutil  # a BentoML dependency
+
+    children = psutil.Process(server.process.pid).children(recursive=True)
+    workers = [p for p in children if "graft-inference" in p.cmdline()]
+    assert workers, f"no graft-inference worker under graft serve:\n{server.log_tail()}"
+    for worker in workers:
+        worker.suspend()
+    try:
+        yield
+    finally:
+        for worker in workers:
+            with suppress(psutil.NoSuchProcess):
+                worker.resume()
+
+
 def _wait_ready(server: RunningServer, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
