@@ -104,7 +104,6 @@ def receive_push(
     repository: ModelRepository,
     limits: PushLimits,
     check_model: ModelCheck | None = None,
-    work_dir: Path | None = None,
 ) -> int:
     """Check a pushed tar.gz end to end and publish it as the next version of `name`."""
     validate_name(name)
@@ -112,8 +111,8 @@ def receive_push(
         raise _too_large(limits.max_compressed_bytes)
     stream = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
-        with tempfile.TemporaryDirectory(prefix="graft-push-", dir=work_dir) as scratch:
-            export_dir = Path(scratch) / "export"
+        with repository.scratch() as scratch:
+            export_dir = scratch / "export"
             extract_archive(stream, export_dir, limits)
             check_export(export_dir)
             if check_model is not None:
@@ -123,7 +122,7 @@ def receive_push(
         if error.errno in _DISK_FULL:
             raise InsufficientStorage(
                 f"no space left to store the model ({error.strerror}); nothing was published: "
-                "free space under the model root or the temp folder, then push again"
+                "free space under the model root, then push again"
             ) from None
         raise
 
@@ -173,7 +172,8 @@ def validate_export(folder: Path, name: str) -> None:
     refuse_denied_ops(folder / "saved_model.pb")
     from service.runtime import LoadedModel  # TensorFlow: only when a push is checked
 
-    with tempfile.TemporaryDirectory(prefix="graft-push-check-") as scratch:
+    # Beside the export, i.e. inside a push's scratch folder: what a killed check leaves goes too.
+    with tempfile.TemporaryDirectory(prefix=".check-", dir=folder.parent) as scratch:
         trial = ModelRepository(scratch)
         version = trial.publish(folder, name)
         LoadedModel.load(trial, name, version)

@@ -5,7 +5,9 @@ into graft.json, verified, and only then renamed to the version number. rename()
 a reader (or a publisher killed with SIGKILL at any instant) sees either no new version or a
 complete one. Everything that changes a model's folder holds an exclusive flock on
 ROOT/<name>/.lock, so concurrent publishers get distinct versions and any .staging-* entry found
-while holding the lock belongs to a dead publisher and is removed.
+while holding the lock belongs to a dead publisher and is removed. Pushes unpack and check their
+upload in ROOT/.scratch/<uuid>, each owned through a flock on ROOT/.scratch/<uuid>.lock, so the
+leftovers of a killed push are found (their lock is free) and removed by the next one.
 
 No TensorFlow here: this module runs in light processes (the CLI, the poller, kill -9 tests).
 """
@@ -18,7 +20,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from service.errors import BadRequest, GraftError, ModelNotFound
@@ -36,6 +38,7 @@ _VERSION_PATTERN = re.compile(r"^[1-9][0-9]{0,17}$")
 STAGING_PREFIX = ".staging-"
 POLICY_FILE = "policy.json"
 LOCK_FILE = ".lock"
+SCRATCH_DIR = ".scratch"  # not a model name: NAME_PATTERN refuses the dot
 _CHUNK = 1 << 20
 
 
@@ -115,6 +118,32 @@ class ModelRepository:
         return available[-1]
 
     # -- writing ---------------------------------------------------------------------------
+
+    @contextmanager
+    def scratch(self) -> Iterator[Path]:
+        """An empty working folder on the repository's own filesystem, removed on exit.
+
+        The leftovers of processes killed inside theirs are removed first. Being on the same
+        filesystem, a full disk shows up here, before anything is published.
+        """
+        parent = self.root / SCRATCH_DIR
+        parent.mkdir(parents=True, exist_ok=True)
+        _remove_orphaned_scratch(parent)
+        folder = parent / uuid.uuid4().hex
+        lock = folder.with_suffix(".lock")
+        fd = _owned_lock(lock)
+        try:
+            folder.mkdir()
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+            lock.unlink(missing_ok=True)
+            os.close(fd)
+
+    def scratch_folders(self) -> list[Path]:
+        """Scratch folders and locks present now: those of running pushes, or leftovers."""
+        parent = self.root / SCRATCH_DIR
+        return sorted(parent.iterdir()) if parent.is_dir() else []
 
     def publish(self, export_dir: Path | str, name: str) -> int:
         """Copy an export into the repository as the next version of `name`; returns it."""
@@ -269,6 +298,37 @@ def _copy_file(source: Path, target: Path) -> str:
         writer.flush()
         os.fsync(writer.fileno())
     return digest.hexdigest()
+
+
+def _owned_lock(lock: Path) -> int:
+    """Create `lock` and hold an exclusive flock on it; returns the descriptor."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        # A sweeper may have taken the new file for an orphan and unlinked it between the two
+        # calls; a lock on an unlinked file protects nothing, so make another.
+        with suppress(FileNotFoundError):
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                return fd
+        os.close(fd)
+
+
+def _remove_orphaned_scratch(parent: Path) -> None:
+    """Remove the scratch folders whose lock nobody holds: their owner was killed."""
+    for lock in parent.glob("*.lock"):
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except FileNotFoundError:  # its owner or another sweeper finished meanwhile
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # alive
+            continue
+        else:
+            shutil.rmtree(lock.with_suffix(""), ignore_errors=True)
+            lock.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
 
 
 def _remove_stale_staging(model_dir: Path) -> None:

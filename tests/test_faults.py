@@ -52,10 +52,9 @@ def big_export(small_export: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return folder
 
 
-def staging_left(root: Path) -> list[str]:
-    return [p.name for p in root.rglob(f"{STAGING_PREFIX}*")] + [
-        p.name for p in root.rglob("graft-push-*")
-    ]
+def staging_left(repository: ModelRepository) -> list[str]:
+    staging = [p.name for p in repository.root.rglob(f"{STAGING_PREFIX}*")]
+    return staging + [p.name for p in repository.scratch_folders()]
 
 
 # -- disk full ----------------------------------------------------------------------------------
@@ -69,8 +68,7 @@ from service.repository import ModelRepository, STAGING_PREFIX
 
 disk, small, big = (Path(p) for p in sys.argv[1:4])
 subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(disk)], check=True)
-repository, scratch = ModelRepository(disk / "models"), disk / "scratch"
-scratch.mkdir()
+repository = ModelRepository(disk / "models")
 report = {"first": repository.publish(small, "m")}
 try:
     repository.publish(big, "m")
@@ -78,12 +76,11 @@ except OSError as error:
     report["publish_errno"] = error.errno
 report["after_publish"] = repository.versions("m")
 try:
-    receive_push(pack_export(big), name="m", repository=repository, limits=PushLimits(),
-                 work_dir=scratch)
+    receive_push(pack_export(big), name="m", repository=repository, limits=PushLimits())
 except InsufficientStorage as error:
     report["push_error"] = [error.http_status, error.message]
-leftovers = (STAGING_PREFIX, "graft-push-")
-report["left"] = [p.name for p in disk.rglob("*") if p.name.startswith(leftovers)]
+report["left"] = [p.name for p in disk.rglob(f"{STAGING_PREFIX}*")]
+report["left"] += [p.name for p in repository.scratch_folders()]
 report["next"] = repository.publish(small, "m")
 report["final"] = repository.versions("m")
 repository.verify("m", report["next"])
@@ -147,9 +144,8 @@ def test_disk_full_by_injection(
             name="m",
             repository=repository,
             limits=PushLimits(),
-            work_dir=tmp_path,
         )
-    assert staging_left(tmp_path) == []
+    assert staging_left(repository) == []
     assert repository.versions("m") == [1]
     monkeypatch.undo()
     assert repository.publish(small_export, "m") == 2

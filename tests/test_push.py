@@ -74,19 +74,19 @@ def export_members(export_dir: Path, prefix: str = "") -> list[tuple[tarfile.Tar
     ]
 
 
-def push(data: bytes, repository: ModelRepository, work_dir: Path, **kwargs: object) -> int:
+def push(data: bytes, repository: ModelRepository, **kwargs: object) -> int:
     options = {"name": "flowers", "repository": repository, "limits": LIMITS, **kwargs}
-    return receive_push(data, work_dir=work_dir, **options)  # type: ignore[arg-type]
+    return receive_push(data, **options)  # type: ignore[arg-type]
 
 
 def assert_rejected(
-    data: bytes, repository: ModelRepository, work_dir: Path, match: str, **kwargs: object
+    data: bytes, repository: ModelRepository, match: str, **kwargs: object
 ) -> RejectedModel:
     with pytest.raises(RejectedModel, match=match) as caught:
-        push(data, repository, work_dir, **kwargs)
+        push(data, repository, **kwargs)
     assert caught.value.http_status == 422
     assert repository.models() == [] or repository.versions("flowers") == [1]
-    assert not list(work_dir.glob("graft-push-*")), "the scratch folder was not cleaned up"
+    assert repository.scratch_folders() == [], "the scratch folder was not cleaned up"
     return caught.value
 
 
@@ -104,30 +104,28 @@ def rehashed_copy(export_dir: Path, target: Path, edit: Callable[[Path], None]) 
 
 
 def test_a_packed_export_publishes_as_the_next_version(
-    archive: bytes, repository: ModelRepository, tmp_path: Path
+    archive: bytes, repository: ModelRepository
 ) -> None:
-    work = tmp_path / "work"
-    work.mkdir()
-    assert push(archive, repository, work) == 1
-    assert push(archive, repository, work) == 2
+    assert push(archive, repository) == 1
+    assert push(archive, repository) == 2
     assert repository.verify("flowers", 2).labels == ["red", "green", "blue"]
-    assert not list(work.glob("graft-push-*"))
+    assert repository.scratch_folders() == []
 
 
 @pytest.mark.parametrize("prefix", ["./", "export/"])
 def test_archives_made_with_tar_from_inside_or_above_the_folder_are_accepted(
-    export_dir: Path, repository: ModelRepository, tmp_path: Path, prefix: str
+    export_dir: Path, repository: ModelRepository, prefix: str
 ) -> None:
     folder = tarfile.TarInfo(prefix.rstrip("/") or ".")
     folder.type = tarfile.DIRTYPE
     data = tar_gz([(folder, None), *export_members(export_dir, prefix)])
-    assert push(data, repository, tmp_path) == 1
+    assert push(data, repository) == 1
 
 
 def test_full_model_check_loads_and_warms_up_before_publishing(
-    archive: bytes, repository: ModelRepository, tmp_path: Path
+    archive: bytes, repository: ModelRepository
 ) -> None:
-    assert push(archive, repository, tmp_path, check_model=validate_export) == 1
+    assert push(archive, repository, check_model=validate_export) == 1
 
 
 def test_limits_come_from_settings() -> None:
@@ -159,34 +157,28 @@ ARCHIVE_ATTACKS: dict[str, tuple[list[tuple[tarfile.TarInfo, bytes | None]], str
 
 @pytest.mark.parametrize("case", sorted(ARCHIVE_ATTACKS))
 def test_hostile_members_are_refused_before_anything_is_written(
-    case: str, repository: ModelRepository, tmp_path: Path
+    case: str, repository: ModelRepository
 ) -> None:
     members, reason = ARCHIVE_ATTACKS[case]
-    assert_rejected(tar_gz(members), repository, tmp_path, reason)
+    assert_rejected(tar_gz(members), repository, reason)
 
 
 def test_a_rejected_push_leaves_the_serving_version_untouched(
-    archive: bytes, repository: ModelRepository, tmp_path: Path
+    archive: bytes, repository: ModelRepository
 ) -> None:
-    assert push(archive, repository, tmp_path) == 1
+    assert push(archive, repository) == 1
     before = repository.verify("flowers", 1)
-    assert_rejected(tar_gz([regular("../x", b"")]), repository, tmp_path, "climbs out")
+    assert_rejected(tar_gz([regular("../x", b"")]), repository, "climbs out")
     assert repository.versions("flowers") == [1]
     assert repository.verify("flowers", 1) == before
 
 
-def test_member_count_is_capped(
-    export_dir: Path, repository: ModelRepository, tmp_path: Path
-) -> None:
+def test_member_count_is_capped(export_dir: Path, repository: ModelRepository) -> None:
     data = tar_gz(export_members(export_dir))
-    assert_rejected(
-        data, repository, tmp_path, "more than 4 members", limits=PushLimits(max_members=4)
-    )
+    assert_rejected(data, repository, "more than 4 members", limits=PushLimits(max_members=4))
 
 
-def test_uncompressed_size_is_capped_while_streaming(
-    repository: ModelRepository, tmp_path: Path
-) -> None:
+def test_uncompressed_size_is_capped_while_streaming(repository: ModelRepository) -> None:
     """A gzip bomb: 64 MiB of zeros in a ~64 KiB archive stops at the 8 MiB cap."""
     bomb = tarfile.TarInfo("variables/variables.data-00000-of-00001")
     bomb.size = 64 * 1024 * 1024
@@ -196,7 +188,7 @@ def test_uncompressed_size_is_capped_while_streaming(
     data = buffer.getvalue()
     assert len(data) < 512 * 1024
     limits = PushLimits(max_uncompressed_bytes=8 * 1024 * 1024)
-    assert_rejected(data, repository, tmp_path, "unpacks to more than 8 MiB", limits=limits)
+    assert_rejected(data, repository, "unpacks to more than 8 MiB", limits=limits)
 
 
 def test_compressed_size_is_capped_for_bytes_and_streams(
@@ -205,7 +197,7 @@ def test_compressed_size_is_capped_for_bytes_and_streams(
     noise = __import__("os").urandom(2 * 1024 * 1024)  # incompressible
     data = tar_gz([regular("variables/variables.data-00000-of-00001", noise)])
     limits = PushLimits(max_compressed_bytes=1024 * 1024)
-    assert_rejected(data, repository, tmp_path, "over 1 MiB", limits=limits)
+    assert_rejected(data, repository, "over 1 MiB", limits=limits)
     with pytest.raises(RejectedModel, match="over 1 MiB"):
         extract_archive(io.BytesIO(data), tmp_path / "streamed", limits)
 
@@ -218,30 +210,26 @@ def test_compressed_size_is_capped_for_bytes_and_streams(
         (b"\x80\x04\x95 a pickle", "not a valid tar.gz"),
     ],
 )
-def test_not_a_gzip_tar(
-    payload: bytes, why: str, repository: ModelRepository, tmp_path: Path
-) -> None:
-    assert_rejected(payload, repository, tmp_path, why)
+def test_not_a_gzip_tar(payload: bytes, why: str, repository: ModelRepository) -> None:
+    assert_rejected(payload, repository, why)
 
 
-def test_plain_uncompressed_tar_is_refused(
-    export_dir: Path, repository: ModelRepository, tmp_path: Path
-) -> None:
+def test_plain_uncompressed_tar_is_refused(export_dir: Path, repository: ModelRepository) -> None:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as out:
         out.add(export_dir / "graft.json", arcname="graft.json")
-    assert_rejected(buffer.getvalue(), repository, tmp_path, "not a valid tar.gz")
+    assert_rejected(buffer.getvalue(), repository, "not a valid tar.gz")
 
 
-def test_truncated_archive(archive: bytes, repository: ModelRepository, tmp_path: Path) -> None:
-    assert_rejected(archive[: len(archive) // 2], repository, tmp_path, "not a valid tar.gz")
+def test_truncated_archive(archive: bytes, repository: ModelRepository) -> None:
+    assert_rejected(archive[: len(archive) // 2], repository, "not a valid tar.gz")
 
 
 # -- export-level refusals ----------------------------------------------------------------------
 
 
 def test_a_file_changed_after_export_fails_the_hash_check(
-    export_dir: Path, repository: ModelRepository, tmp_path: Path
+    export_dir: Path, repository: ModelRepository
 ) -> None:
     members = export_members(export_dir)
     tampered = [
@@ -249,24 +237,24 @@ def test_a_file_changed_after_export_fails_the_hash_check(
         for info, payload in members
     ]
     assert_rejected(
-        tar_gz(tampered), repository, tmp_path, r"manifest check failed.*changed: saved_model\.pb"
+        tar_gz(tampered), repository, r"manifest check failed.*changed: saved_model\.pb"
     )
 
 
 def test_an_extra_shard_not_in_the_manifest_is_refused(
-    export_dir: Path, repository: ModelRepository, tmp_path: Path
+    export_dir: Path, repository: ModelRepository
 ) -> None:
     extra = regular("variables/variables.data-00001-of-00002", b"\x00" * 16)
     data = tar_gz([*export_members(export_dir), extra])
-    assert_rejected(data, repository, tmp_path, "not in manifest: variables/variables.data-00001")
+    assert_rejected(data, repository, "not in manifest: variables/variables.data-00001")
 
 
 @pytest.mark.parametrize("missing", ["assets/labels.txt", "graft.json", "saved_model.pb"])
 def test_missing_required_files(
-    export_dir: Path, repository: ModelRepository, tmp_path: Path, missing: str
+    export_dir: Path, repository: ModelRepository, missing: str
 ) -> None:
     members = [m for m in export_members(export_dir) if m[0].name != missing]
-    assert_rejected(tar_gz(members), repository, tmp_path, f"lacks {missing}")
+    assert_rejected(tar_gz(members), repository, f"lacks {missing}")
 
 
 def test_labels_file_disagreeing_with_the_manifest(
@@ -276,9 +264,7 @@ def test_labels_file_disagreeing_with_the_manifest(
         (folder / "assets/labels.txt").write_text("red\ngreen\nmauve\n")
 
     copy = rehashed_copy(export_dir, tmp_path / "copy", edit)
-    work = tmp_path / "work"
-    work.mkdir()
-    assert_rejected(pack_export(copy), repository, work, "labels.txt disagrees")
+    assert_rejected(pack_export(copy), repository, "labels.txt disagrees")
 
 
 def test_a_keras_lambda_config_is_refused(
@@ -289,9 +275,7 @@ def test_a_keras_lambda_config_is_refused(
             out.write(b'{"class_name": "Lambda", "config": {"function": ["4wEAAAAA", null]}}')
 
     copy = rehashed_copy(export_dir, tmp_path / "copy", edit)
-    work = tmp_path / "work"
-    work.mkdir()
-    assert_rejected(pack_export(copy), repository, work, "Keras Lambda layer")
+    assert_rejected(pack_export(copy), repository, "Keras Lambda layer")
 
 
 def test_oversized_manifest_is_refused_before_parsing(export_dir: Path, tmp_path: Path) -> None:
@@ -353,9 +337,7 @@ def test_model_faults_are_refused_by_the_full_check(
 ) -> None:
     labels, outputs, reason = MODEL_FAULTS[fault]
     folder = raw_saved_model(tmp_path / "raw", labels, outputs)
-    work = tmp_path / "work"
-    work.mkdir()
-    assert_rejected(pack_export(folder), repository, work, reason, check_model=validate_export)
+    assert_rejected(pack_export(folder), repository, reason, check_model=validate_export)
 
 
 def test_the_subprocess_check_reports_the_childs_reason(tmp_path: Path) -> None:
@@ -377,9 +359,7 @@ def test_a_graph_that_writes_files_is_refused(repository: ModelRepository, tmp_p
     folder = raw_saved_model(tmp_path / "raw", ["a", "b"], outputs)
     with pytest.raises(RejectedModel, match="WriteFile"):
         refuse_denied_ops(folder / "saved_model.pb")
-    work = tmp_path / "work"
-    work.mkdir()
-    assert_rejected(pack_export(folder), repository, work, "WriteFile", check_model=validate_export)
+    assert_rejected(pack_export(folder), repository, "WriteFile", check_model=validate_export)
     assert not planted.exists(), "the hostile graph ran"
 
 
@@ -391,14 +371,14 @@ def test_a_real_export_uses_no_denied_op(export_dir: Path) -> None:
 
 
 def test_concurrent_pushes_get_distinct_complete_versions(
-    archive: bytes, repository: ModelRepository, tmp_path: Path
+    archive: bytes, repository: ModelRepository
 ) -> None:
     results: list[int] = []
     errors: list[BaseException] = []
 
     def one() -> None:
         try:
-            results.append(push(archive, repository, tmp_path))
+            results.append(push(archive, repository))
         except BaseException as error:
             errors.append(error)
 

@@ -144,6 +144,7 @@ def test_kill_9_mid_push_then_restart_serves_the_last_complete_version(
     staging = kill_once_publishing(first_server, model_dir, heavy_archive)
     assert staging.is_dir(), "the kill came after the publish, not in the middle of it"
     assert ModelRepository(model_root).versions(MODEL)[-1] == last  # the half copy is no version
+    assert ModelRepository(model_root).scratch_folders(), "the push left no scratch to clean up"
 
     with running_server(
         model_root, default_model=MODEL, env={"GRAFT_ADMIN_TOKEN": TOKEN}
@@ -161,6 +162,8 @@ def test_kill_9_mid_push_then_restart_serves_the_last_complete_version(
         assert pushed.status_code == 201, pushed.text
         assert pushed.json()["version"] == last + 1  # the killed push took no version number
         assert staging_dirs(model_dir) == [], "the dead push's staging folder was not removed"
+        scratch = ModelRepository(model_root).scratch_folders()
+        assert scratch == [], f"the dead push's scratch folder was not removed: {scratch}"
         wait_for_version(server, last + 1)
 
 

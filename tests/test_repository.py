@@ -264,3 +264,47 @@ def test_kill_9_while_publishing_never_leaves_a_broken_version(repo, export_dir)
     next_version = repo.publish(export_dir, "m")
     assert next_version == max(int(e.name) for e in model_dir.iterdir() if e.name.isdigit())
     assert not [e for e in model_dir.iterdir() if e.name.startswith(".staging")]
+
+
+# -- scratch folders ----------------------------------------------------------------------------
+
+# Enters a scratch folder, writes into it, reports its path, then waits to be killed.
+SCRATCH_HOLDER = """
+import sys, time
+from service.repository import ModelRepository
+with ModelRepository(sys.argv[1]).scratch() as folder:
+    (folder / "half-unpacked").write_bytes(b"x" * 1024)
+    print(folder, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_scratch_folder_is_private_and_removed_on_exit_even_on_error(repo):
+    with repo.scratch() as first, repo.scratch() as second:
+        assert first != second and first.is_dir() and not any(first.iterdir())
+        assert first.parent == second.parent == repo.root / ".scratch"
+    assert repo.scratch_folders() == []
+    with pytest.raises(RuntimeError), repo.scratch() as folder:
+        (folder / "partial").write_bytes(b"x")
+        raise RuntimeError("the push failed half way")
+    assert repo.scratch_folders() == []
+
+
+def test_a_killed_owners_scratch_is_removed_by_the_next_a_live_ones_kept(repo, export_dir):
+    killed = _light_python(SCRATCH_HOLDER, str(repo.root))
+    alive = _light_python(SCRATCH_HOLDER, str(repo.root))
+    try:
+        dead_folder = Path(killed.stdout.readline().strip())
+        live_folder = Path(alive.stdout.readline().strip())
+        killed.kill()
+        killed.wait(timeout=30)
+        assert dead_folder.is_dir()  # nothing cleans up after SIGKILL by itself
+        with repo.scratch() as mine:
+            assert not dead_folder.exists(), "the killed push's scratch folder was left behind"
+            assert live_folder.is_dir(), "a running push's scratch folder was removed"
+            assert mine.is_dir()
+    finally:
+        alive.kill()
+        alive.wait(timeout=30)
+    repo.publish(export_dir, "m")
+    assert repo.models() == ["m"]  # .scratch is no model
