@@ -25,7 +25,13 @@ import pytest
 from PIL import Image
 from support.exports import make_tiny_export
 from support.images import encode
-from support.server import RunningServer, paused_inference, running_server
+from support.server import (
+    RunningServer,
+    images_in_flight,
+    paused_inference,
+    running_server,
+    wait_for_images_in_flight,
+)
 
 from service import repository as repository_module
 from service.errors import InsufficientStorage
@@ -212,24 +218,6 @@ def wait_until_idle(server: RunningServer, timeout_s: float = 120) -> None:
         assert response.status_code in (503, 504), response.text
         time.sleep(0.5)
     pytest.fail(f"no full-queue request was served in {timeout_s:.0f} s: a queue slot leaked")
-
-
-def images_in_flight(server: RunningServer) -> float:
-    metrics = httpx.get(f"{server.http}/metrics", timeout=10).text
-    values = [
-        float(line.rsplit(" ", 1)[1])
-        for line in metrics.splitlines()
-        if line.startswith("graft_images_in_flight")
-    ]
-    assert values, "the server exports no graft_images_in_flight gauge"
-    return sum(values)
-
-
-def wait_for_images_in_flight(server: RunningServer, count: int, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while images_in_flight(server) != count:
-        assert time.monotonic() < deadline, f"the gauge never showed {count} images in flight"
-        time.sleep(0.01)
 
 
 def test_full_queue_is_503_with_retry_after_at_once_and_the_deadline_504(

@@ -137,6 +137,26 @@ def paused_inference(server: RunningServer) -> Iterator[None]:
                 worker.resume()
 
 
+def images_in_flight(server: RunningServer) -> float:
+    """The entry's graft_images_in_flight gauge: images admitted and not yet answered."""
+    metrics = httpx.get(f"{server.http}/metrics", timeout=10).text
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("graft_images_in_flight")
+    ]
+    assert values, "the server exports no graft_images_in_flight gauge"
+    return sum(values)
+
+
+def wait_for_images_in_flight(server: RunningServer, count: int, timeout_s: float = 30) -> None:
+    """Until exactly `count` images are admitted, e.g. a burst sent to a paused model worker."""
+    deadline = time.monotonic() + timeout_s
+    while images_in_flight(server) != count:
+        assert time.monotonic() < deadline, f"the gauge never showed {count} images in flight"
+        time.sleep(0.01)
+
+
 def _wait_ready(server: RunningServer, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
