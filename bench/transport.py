@@ -60,10 +60,9 @@ class RawTransport:
         return head.encode("latin-1") + body
 
     async def post(self, prepared: object) -> tuple[int, bytes]:
-        if self._idle:
-            reader, writer = self._idle.pop()
-        else:
-            reader, writer = await asyncio.open_connection(self._host, self._port)
+        reader, writer = self._idle_connection() or await asyncio.open_connection(
+            self._host, self._port
+        )
         try:
             writer.write(prepared)  # type: ignore[arg-type]
             await writer.drain()
@@ -76,6 +75,16 @@ class RawTransport:
         else:
             writer.close()
         return status, body
+
+    def _idle_connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """A kept-alive connection the server has not closed meanwhile (servers close idle ones
+        after their keep-alive timeout; sending on one would count as an error of the server)."""
+        while self._idle:
+            reader, writer = self._idle.pop()
+            if not reader.at_eof() and not writer.is_closing():
+                return reader, writer
+            writer.close()
+        return None
 
     async def close(self) -> None:
         for _, writer in self._idle:

@@ -158,6 +158,37 @@ def test_raw_client_reads_chunked_answers_and_reconnects_after_close():
     assert asyncio.run(scenario()) == [(201, b"abcde")] * 4
 
 
+async def _keep_alive_timeout_server(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """Answers one request keeping the connection alive, then closes it as idle (as uvicorn
+    and BentoML do after their keep-alive timeout)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    await reader.readexactly(length)
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    writer.close()
+
+
+def test_raw_client_never_sends_on_a_connection_the_server_closed_while_idle():
+    async def scenario() -> list[tuple[int, bytes]]:
+        server = await asyncio.start_server(_keep_alive_timeout_server, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        transport = RawTransport(f"http://127.0.0.1:{port}", 1)
+        prepared = transport.request_bytes("/x", b"body", "text/plain")
+        answers = []
+        for _ in range(3):
+            answers.append(await transport.post(prepared))
+            await asyncio.sleep(0.3)  # the server has closed the kept-alive connection
+        await transport.close()
+        server.close()
+        return answers
+
+    assert asyncio.run(scenario()) == [(200, b"ok")] * 3
+
+
 # -- the ceiling and the statistics ---------------------------------------------------------------
 
 
