@@ -6,6 +6,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -123,13 +124,17 @@ def test_an_undecodable_image_is_an_http_error_of_the_peer(tutorial_url: str, tm
 # -- the raw HTTP client ------------------------------------------------------------------------
 
 
+async def _read_request(reader: asyncio.StreamReader) -> None:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    await reader.readexactly(length)
+
+
 async def _chunked_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Answers every request with a chunked body, then closes on the third."""
     served = 0
     while True:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-        await reader.readexactly(length)
+        await _read_request(reader)
         served += 1
         close = served == 3
         writer.write(
@@ -144,49 +149,44 @@ async def _chunked_server(reader: asyncio.StreamReader, writer: asyncio.StreamWr
             return
 
 
-def test_raw_client_reads_chunked_answers_and_reconnects_after_close():
-    async def scenario() -> list[tuple[int, bytes]]:
-        server = await asyncio.start_server(_chunked_server, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        transport = RawTransport(f"http://127.0.0.1:{port}", 1)
-        prepared = transport.request_bytes("/x", b"body", "text/plain")
-        answers = [await transport.post(prepared) for _ in range(4)]
-        await transport.close()
-        server.close()
-        return answers
-
-    assert asyncio.run(scenario()) == [(201, b"abcde")] * 4
-
-
 async def _keep_alive_timeout_server(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
     """Answers one request keeping the connection alive, then closes it as idle (as uvicorn
     and BentoML do after their keep-alive timeout)."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-    await reader.readexactly(length)
+    await _read_request(reader)
     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     await writer.drain()
     await asyncio.sleep(0.05)
     writer.close()
 
 
-def test_raw_client_never_sends_on_a_connection_the_server_closed_while_idle():
+def _raw_posts(handler: Callable, count: int, pause_s: float = 0) -> list[tuple[int, bytes]]:
+    """POST `count` times with the raw client to a loopback server running `handler`."""
+
     async def scenario() -> list[tuple[int, bytes]]:
-        server = await asyncio.start_server(_keep_alive_timeout_server, "127.0.0.1", 0)
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         transport = RawTransport(f"http://127.0.0.1:{port}", 1)
         prepared = transport.request_bytes("/x", b"body", "text/plain")
         answers = []
-        for _ in range(3):
+        for _ in range(count):
             answers.append(await transport.post(prepared))
-            await asyncio.sleep(0.3)  # the server has closed the kept-alive connection
+            await asyncio.sleep(pause_s)
         await transport.close()
         server.close()
         return answers
 
-    assert asyncio.run(scenario()) == [(200, b"ok")] * 3
+    return asyncio.run(scenario())
+
+
+def test_raw_client_reads_chunked_answers_and_reconnects_after_close():
+    assert _raw_posts(_chunked_server, 4) == [(201, b"abcde")] * 4
+
+
+def test_raw_client_never_sends_on_a_connection_the_server_closed_while_idle():
+    # The pause outlasts the server's keep-alive: each next request finds its connection closed.
+    assert _raw_posts(_keep_alive_timeout_server, 3, pause_s=0.3) == [(200, b"ok")] * 3
 
 
 # -- the ceiling and the statistics ---------------------------------------------------------------
