@@ -13,9 +13,9 @@ import json
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -225,12 +225,8 @@ def test_full_queue_is_503_with_retry_after_at_once_and_the_deadline_504(
 ) -> None:
     # A frozen model worker holds an admitted request for exactly its deadline, whatever the
     # machine's speed: the queue stays full for that long, deterministically.
-    with paused_inference(tight_server):
-        holder: dict[str, httpx.Response] = {}
-        worker = threading.Thread(
-            target=lambda: holder.update(r=post(tight_server, [small()] * QUEUE))
-        )
-        worker.start()
+    with paused_inference(tight_server), ThreadPoolExecutor(1) as pool:
+        holder = pool.submit(post, tight_server, [small()] * QUEUE)
         wait_for_images_in_flight(tight_server, QUEUE)
         started = time.monotonic()
         response = post(tight_server, [small()])
@@ -239,10 +235,10 @@ def test_full_queue_is_503_with_retry_after_at_once_and_the_deadline_504(
             stub = pb_grpc.ImageClassifierStub(channel)
             with pytest.raises(grpc.RpcError) as refused:
                 stub.Classify(pb.ClassifyRequest(images=[small()]), timeout=30)
-        assert worker.is_alive(), "the holding request ended before the probes: raise its deadline"
-        worker.join()
-        assert holder["r"].status_code == 504, holder["r"].text
-        assert holder["r"].json()["error"] == "deadline_exceeded"
+        assert not holder.done(), "the holding request ended before the probes: raise its deadline"
+        held = holder.result()
+        assert held.status_code == 504, held.text
+        assert held.json()["error"] == "deadline_exceeded"
         # The deadline frees the slots even though the model worker never answered.
         assert images_in_flight(tight_server) == 0, "the timed-out request kept its queue slots"
     assert response.status_code == 503, response.text

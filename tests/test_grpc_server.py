@@ -6,8 +6,8 @@ and concurrent HTTP and gRPC requests must land in the same inference batches.
 
 import base64
 import io
-import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -161,31 +161,6 @@ def _mixed_batches(server: RunningServer) -> float:
     )
 
 
-def _start_together(calls: list[Callable[[], object]]) -> Callable[[], None]:
-    """Start each call in its own thread at the same instant; returns the function that joins
-    them and re-raises the first failure."""
-    barrier = threading.Barrier(len(calls))
-    failures: list[BaseException] = []
-
-    def run(call: Callable[[], object]) -> None:
-        barrier.wait()
-        try:
-            call()
-        except BaseException as exc:  # collected and re-raised in the test thread
-            failures.append(exc)
-
-    threads = [threading.Thread(target=run, args=(call,)) for call in calls]
-    for thread in threads:
-        thread.start()
-
-    def join() -> None:
-        for thread in threads:
-            thread.join(120)
-        assert not failures, failures
-
-    return join
-
-
 def _http_call(server: RunningServer, photo: bytes) -> None:
     body = {"images": [{"b64": base64.b64encode(photo).decode()}]}
     response = httpx.post(f"{server.http}/classify", json=body, timeout=60)
@@ -200,10 +175,12 @@ def test_http_and_grpc_requests_share_inference_batches(
     before = _mixed_batches(server)
     # The model worker is paused until every request of the burst is admitted, so it finds
     # both protocols' images waiting together, as under sustained load, on any machine speed.
-    with paused_inference(server):
-        join = _start_together(calls)
-        wait_for_images_in_flight(server, len(calls))
-    join()
+    with ThreadPoolExecutor(len(calls)) as pool:
+        with paused_inference(server):
+            answers = [pool.submit(call) for call in calls]
+            wait_for_images_in_flight(server, len(calls))
+        for answer in answers:
+            answer.result(timeout=120)  # re-raises a failed call
     assert _mixed_batches(server) > before, server.log_tail()
 
 
