@@ -127,6 +127,10 @@ class ModelRepository:
         filesystem, a full disk shows up here, before anything is published.
         """
         parent = self.root / SCRATCH_DIR
+        if parent.is_symlink() or (parent.exists() and not parent.is_dir()):
+            raise RepositoryError(
+                f"{parent} is not a folder; remove it (graft keeps push scratch space there)"
+            )
         parent.mkdir(parents=True, exist_ok=True)
         _remove_orphaned_scratch(parent)
         folder = parent / uuid.uuid4().hex

@@ -147,6 +147,14 @@ def test_push_to_an_unreachable_service_fails_in_one_line(export_dir):
     assert_one_line_error(run, "cannot reach http://127.0.0.1:9/models/flowers/versions")
 
 
+@pytest.mark.parametrize("seconds", ["0", "-5", "soon"])
+def test_push_refuses_a_timeout_that_could_never_be_met(export_dir, seconds):
+    run = graft("push", export_dir, "--name", "flowers", "--url", "http://127.0.0.1:9",
+                "--timeout", seconds, timeout=120)  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    assert "--timeout" in run.stderr and "Traceback" not in run.stderr
+
+
 def test_init_default_classifies_chelsea_as_a_cat_through_serving_default(imagenet_model_root):
     """`imagenet_model_root` (conftest) is made by `create_default_model`, the function behind
     `graft init-default`; sharing it saves the suite a minute of export."""

@@ -308,3 +308,13 @@ def test_a_killed_owners_scratch_is_removed_by_the_next_a_live_ones_kept(repo, e
         alive.wait(timeout=30)
     repo.publish(export_dir, "m")
     assert repo.models() == ["m"]  # .scratch is no model
+
+
+def test_a_scratch_path_that_is_not_a_folder_is_refused_naming_it(repo, export_dir):
+    repo.publish(export_dir, "m")
+    (repo.root / ".scratch").write_text("someone's notes")
+    refused = pytest.raises(RepositoryError, match=r"\.scratch is not a folder; remove it")
+    with refused, repo.scratch():
+        pass
+    assert (repo.root / ".scratch").read_text() == "someone's notes"  # nothing lost
+    assert repo.versions("m") == [1]

@@ -82,6 +82,7 @@ def push(
         float,
         typer.Option(
             "--timeout",
+            min=1,
             help="Seconds to wait for the answer: upload, model check (the server allows "
             "GRAFT_PUSH_CHECK_TIMEOUT_S, 300 by default) and publish.",
         ),
