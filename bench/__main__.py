@@ -106,7 +106,8 @@ def _already_done(section: str, quick: bool) -> bool:
 
 
 def resolve_model(root: Path, requested: str) -> Model:
-    from service.repository import ModelRepository
+    from service.store.manifest import Manifest
+    from service.store.repository import ModelRepository
 
     repository = ModelRepository(root)
     name = requested
@@ -120,7 +121,7 @@ def resolve_model(root: Path, requested: str) -> Model:
         cmd = [str(graft) if graft.exists() else "graft", "init-default", "--model-root", str(root)]
         subprocess.run(cmd, check=True)
     version = repository.resolve(name)
-    manifest = repository.manifest(name, version)
+    manifest = Manifest.read(repository.version_dir(name, version))
     return Model(
         name,
         version,

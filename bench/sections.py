@@ -323,7 +323,7 @@ def timeline(samples: list[Sample], origin: float, new: int, step: float = 1.0) 
 
 def switch(ctx: Context, server: Server) -> dict[str, Any]:
     """Concurrency 16 against graft; a new version is published part-way through."""
-    from service.repository import ModelRepository
+    from service.store.repository import ModelRepository
 
     p = ctx.profile
     run = {

@@ -63,7 +63,7 @@ def _python() -> str:
 def scratch_repository(model: Model, label: str) -> Path:
     """A fresh repository holding only `model` as version 1, so graft serves exactly it and
     the switch section can publish version 2 without touching the user's repository."""
-    from service.repository import ModelRepository
+    from service.store.repository import ModelRepository
 
     root = RESULTS_DIR / "work" / f"{label}-repository"
     shutil.rmtree(root, ignore_errors=True)

@@ -126,7 +126,7 @@ class GraftGrpc:
     def __init__(self, address: str, model: str, top_k: int = 5) -> None:
         import grpc
 
-        from service.grpc_stubs.graft.v1 import classifier_pb2, classifier_pb2_grpc
+        from service.stubs.graft.v1 import classifier_pb2, classifier_pb2_grpc
 
         self._grpc = grpc
         self._pb2 = classifier_pb2

@@ -1,6 +1,7 @@
 """Errors as data: each carries its HTTP status, gRPC code and a message for the caller."""
 
 import grpc
+from pydantic import ValidationError
 
 
 class GraftError(Exception):
@@ -77,3 +78,26 @@ class NotReady(GraftError):
 class DeadlineExceeded(GraftError):
     code, http_status = "deadline_exceeded", 504
     grpc_status = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def error_class(code: str) -> type[GraftError] | None:
+    """The GraftError subclass whose `code` is `code` (errors cross processes as data)."""
+    pending: list[type[GraftError]] = [GraftError]
+    while pending:
+        cls = pending.pop()
+        if cls.code == code:
+            return cls
+        pending.extend(cls.__subclasses__())
+    return None
+
+
+def error_from_code(code: str, message: str) -> GraftError:
+    """Rebuild the error a server, or the other process, reported as `code` and `message`."""
+    return (error_class(code) or GraftError)(message)
+
+
+def validation_message(exc: ValidationError, whole: str = "body") -> str:
+    """pydantic's first complaint as `field.path: what is wrong` (`whole` when it is no field)."""
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or whole
+    return f"{where}: {first['msg']}"

@@ -20,7 +20,7 @@ def colour_export(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def colour_model_root(tmp_path_factory: pytest.TempPathFactory, colour_export):
     """A model root holding `colours` version 1. Read-only: copy it before changing anything."""
-    from service.repository import ModelRepository
+    from service.store.repository import ModelRepository
 
     root = tmp_path_factory.mktemp("models")
     ModelRepository(root).publish(colour_export, "colours")
@@ -31,8 +31,8 @@ def colour_model_root(tmp_path_factory: pytest.TempPathFactory, colour_export):
 def imagenet_model_root(tmp_path_factory: pytest.TempPathFactory):
     """A model root holding the ImageNet default (`imagenet` v1), as `graft init-default` makes
     it. Slow (about a minute of export): share this one. Read-only."""
-    from service.repository import ModelRepository
-    from training.commands_models import create_default_model
+    from service.store.repository import ModelRepository
+    from training.default_model import create_default_model
 
     root = tmp_path_factory.mktemp("imagenet")
     create_default_model(ModelRepository(root))

@@ -28,10 +28,10 @@ from support.images import encode
 from support.server import RunningServer, running_server
 from support.trained import COLOURS, tinted_photo
 
-from service.grpc_stubs.graft.v1 import classifier_pb2 as pb
-from service.grpc_stubs.graft.v1 import classifier_pb2_grpc as pb_grpc
-from service.push import pack_export
-from service.repository import ModelRepository
+from service.push.archive import pack_export
+from service.store.repository import ModelRepository
+from service.stubs.graft.v1 import classifier_pb2 as pb
+from service.stubs.graft.v1 import classifier_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-admin-token-0123456789"
@@ -444,7 +444,7 @@ def _bad_archive(kind: str, export: Path, scratch: Path) -> bytes:
 
 
 def _relabelled(scratch: Path) -> bytes:
-    from service.manifest import Manifest, hash_tree
+    from service.store.manifest import Manifest, hash_tree
 
     folder = updown_export(scratch / "updown")
     (folder / "assets/labels.txt").write_text("top\nbottom\nsideways\n")

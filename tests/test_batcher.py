@@ -9,7 +9,7 @@ from collections.abc import Callable, Coroutine
 
 import pytest
 
-from service.batcher import Batcher
+from service.runtime.batcher import Batcher
 
 WAIT_S = 10.0  # how long a test waits for something that should happen at once
 

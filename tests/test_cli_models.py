@@ -14,7 +14,7 @@ import pytest
 from support.exports import make_tiny_export
 from support.images import encode, random_rgb
 
-from service.repository import ModelRepository
+from service.store.repository import ModelRepository
 from training.commands_models import push_archive
 
 LABELS = ["red", "green", "blue"]

@@ -22,8 +22,8 @@ from prometheus_client.metrics import MetricWrapperBase
 
 import service.errors
 import service.metrics
+from graft_cli import app
 from service.settings import GraftSettings
-from training.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -131,7 +131,7 @@ def test_image_install_carries_every_module_data_file_and_the_cli(image_wheel: P
     with zipfile.ZipFile(image_wheel) as wheel:
         names = set(wheel.namelist())
         entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-        assert "graft = training.cli:app" in wheel.read(entry_points).decode()
+        assert "graft = graft_cli:app" in wheel.read(entry_points).decode()
     for package in ("service", "training"):
         for path in (ROOT / package).rglob("*"):
             if path.is_file() and "__pycache__" not in path.parts:

@@ -199,7 +199,7 @@ def _stop(process: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 def test_served_bento_bootstraps_the_default_model_and_classifies(served: Served) -> None:
-    from service.repository import ModelRepository
+    from service.store.repository import ModelRepository
 
     assert ModelRepository(served.model_root).models() == ["imagenet"]
     assert "holds no model: installing the ImageNet default" in served.log.read_text()

@@ -172,7 +172,7 @@ def test_label_and_score_are_the_top_class(standalone):
 
 
 def test_export_writes_labels_and_a_verifiable_draft_manifest(exported):
-    from service.manifest import Manifest, hash_tree
+    from service.store.manifest import Manifest, hash_tree
 
     _, export_dir = exported
     assert (export_dir / "assets" / "labels.txt").read_text().splitlines() == LABELS

@@ -33,13 +33,14 @@ from support.server import (
     wait_for_images_in_flight,
 )
 
-from service import repository as repository_module
 from service.errors import InsufficientStorage
-from service.grpc_stubs.graft.v1 import classifier_pb2 as pb
-from service.grpc_stubs.graft.v1 import classifier_pb2_grpc as pb_grpc
-from service.manifest import Manifest, hash_tree
-from service.push import PushLimits, pack_export, receive_push
-from service.repository import STAGING_PREFIX, ModelRepository
+from service.push.archive import PushLimits, pack_export
+from service.push.receive import receive_push
+from service.store import repository as repository_module
+from service.store.manifest import Manifest, hash_tree
+from service.store.repository import STAGING_PREFIX, ModelRepository
+from service.stubs.graft.v1 import classifier_pb2 as pb
+from service.stubs.graft.v1 import classifier_pb2_grpc as pb_grpc
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +70,9 @@ TMPFS_SCRIPT = """
 import json, subprocess, sys
 from pathlib import Path
 from service.errors import InsufficientStorage
-from service.push import PushLimits, pack_export, receive_push
-from service.repository import ModelRepository, STAGING_PREFIX
+from service.push.archive import PushLimits, pack_export
+from service.push.receive import receive_push
+from service.store.repository import ModelRepository, STAGING_PREFIX
 
 disk, small, big = (Path(p) for p in sys.argv[1:4])
 subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(disk)], check=True)

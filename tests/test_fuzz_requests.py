@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from starlette.requests import Request
 
 from service.errors import GraftError
-from service.http_api import _classify_input, _json, _tf_instances
+from service.protocol.http.bodies import classify_input, json_body, tf_instances
 
 FUZZ = settings(
     max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
@@ -63,7 +63,7 @@ def request(body: bytes, content_type: str | None, path: str = "/classify") -> R
 
 def classify(body: bytes, content_type: str | None) -> None:
     try:
-        images, _ = asyncio.run(_classify_input(request(body, content_type)))
+        images, _ = asyncio.run(classify_input(request(body, content_type)))
     except GraftError as error:
         assert 400 <= error.http_status < 500 and error.message, error
     else:
@@ -72,8 +72,8 @@ def classify(body: bytes, content_type: str | None) -> None:
 
 def tf_predict(body: bytes) -> None:
     try:
-        payload = asyncio.run(_json(request(body, "application/json")))
-        images, _ = _tf_instances(payload)
+        payload = asyncio.run(json_body(request(body, "application/json")))
+        images, _ = tf_instances(payload)
     except GraftError as error:
         assert 400 <= error.http_status < 500 and error.message, error
     else:

@@ -32,8 +32,8 @@ from tensorflow_serving.apis import (
 )
 
 from service import errors
-from service.client import GraftClient
-from service.grpc_client import GrpcClient
+from service.client.grpc import GrpcClient
+from service.client.http import GraftClient
 
 MODEL = "colours"
 PER_PROTOCOL = 12  # concurrent single-image requests per protocol in the shared-batch test

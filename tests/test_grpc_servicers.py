@@ -9,7 +9,7 @@ import asyncio
 import io
 import socket
 import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,6 +27,7 @@ from PIL import Image
 from prometheus_client import REGISTRY
 from skimage import data as photos
 from support.exports import publish_tiny_model
+from support.inference import InProcessInference, LoopThread
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
@@ -35,63 +36,23 @@ from tensorflow_serving.apis import (
 )
 
 from service import errors
-from service.gateway import Gateway
-from service.grpc_classifier import CLASSIFY_ROUTE
-from service.grpc_client import GrpcClient
-from service.grpc_server import start_grpc_server, stop_grpc_server
-from service.grpc_stubs.graft.v1 import classifier_pb2 as pb
-from service.grpc_stubs.graft.v1 import classifier_pb2_grpc as pb_grpc
-from service.inference import InferItem, InferResult, ModelMetadata, metadata_of, run_batch
-from service.manager import ModelStatus, VersionManager
-from service.repository import ModelRepository
-from service.runtime import LoadedModel
-from service.settings import GraftSettings, MiB
+from service.client.grpc import GrpcClient
+from service.gateway.gateway import Gateway
+from service.protocol.grpc.classifier import CLASSIFY_ROUTE
+from service.protocol.grpc.server import start_grpc_server, stop_grpc_server
+from service.runtime.loaded_model import LoadedModel
+from service.runtime.versions import VersionManager
+from service.settings import GraftSettings
+from service.store.repository import ModelRepository
+from service.stubs.graft.v1 import classifier_pb2 as pb
+from service.stubs.graft.v1 import classifier_pb2_grpc as pb_grpc
+from service.units import MiB
 
 MODEL = "tiny"
 T = TypeVar("T")
 LATE_MODEL = "waiting"  # its load is held back until a test releases it
 MAX_QUEUE = 16  # above what the stream test has in flight at once (14 images)
 MAX_MESSAGE = 1 * MiB
-
-
-class InProcessInference:
-    """The Gateway's InferenceBackend without the BentoML hop: same VersionManager, same
-    run_batch, on a worker thread as in the inference service."""
-
-    def __init__(self, manager: VersionManager) -> None:
-        self._manager = manager
-        self.running = threading.Event()  # a test clears it to hold admitted requests
-        self.running.set()
-
-    async def infer(self, items: list[InferItem]) -> list[InferResult]:
-        if not self.running.is_set():
-            await asyncio.to_thread(self.running.wait, 120)
-        return await asyncio.to_thread(run_batch, self._manager, items)
-
-    async def status(self) -> list[ModelStatus]:
-        return self._manager.status()
-
-    async def metadata(self, model: str, version: int) -> ModelMetadata:
-        return metadata_of(self._manager.get(model, version))
-
-    async def refresh(self) -> None:
-        self._manager.refresh()
-
-
-class LoopThread:
-    """An asyncio loop on a thread, so the grpc.aio server outlives single tests."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def run(self, work: Coroutine[Any, Any, T], timeout_s: float = 120) -> T:
-        return asyncio.run_coroutine_threadsafe(work, self.loop).result(timeout_s)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=10)
 
 
 @dataclass

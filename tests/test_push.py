@@ -14,19 +14,13 @@ from hypothesis import strategies as st
 from support.exports import make_tiny_export
 
 from service.errors import GraftError, RejectedModel
-from service.manifest import MANIFEST_FILE, Manifest, hash_tree
-from service.push import (
-    PushLimits,
-    check_export,
-    check_in_subprocess,
-    extract_archive,
-    pack_export,
-    receive_push,
-    refuse_denied_ops,
-    validate_export,
-)
-from service.repository import ModelRepository
+from service.push.archive import PushLimits, extract_archive, pack_export
+from service.push.checks import check_contents
+from service.push.receive import receive_push
+from service.runtime.model_check import check_model, refuse_denied_ops
 from service.settings import GraftSettings
+from service.store.manifest import MANIFEST_FILE, Manifest, hash_tree
+from service.store.repository import ModelRepository
 
 LIMITS = PushLimits()
 
@@ -125,7 +119,7 @@ def test_archives_made_with_tar_from_inside_or_above_the_folder_are_accepted(
 def test_full_model_check_loads_and_warms_up_before_publishing(
     archive: bytes, repository: ModelRepository
 ) -> None:
-    assert push(archive, repository, check_model=validate_export) == 1
+    assert push(archive, repository, check_model=check_model) == 1
 
 
 def test_limits_come_from_settings() -> None:
@@ -282,7 +276,7 @@ def test_oversized_manifest_is_refused_before_parsing(export_dir: Path, tmp_path
     copy = shutil.copytree(export_dir, tmp_path / "copy")
     (copy / MANIFEST_FILE).write_bytes(b" " * (5 * 1024 * 1024))
     with pytest.raises(RejectedModel, match=r"graft\.json is over 4 MiB"):
-        check_export(copy)
+        check_contents(copy)
 
 
 # -- model-level refusals (TensorFlow) ----------------------------------------------------------
@@ -337,14 +331,7 @@ def test_model_faults_are_refused_by_the_full_check(
 ) -> None:
     labels, outputs, reason = MODEL_FAULTS[fault]
     folder = raw_saved_model(tmp_path / "raw", labels, outputs)
-    assert_rejected(pack_export(folder), repository, reason, check_model=validate_export)
-
-
-def test_the_subprocess_check_reports_the_childs_reason(tmp_path: Path) -> None:
-    labels, outputs, _ = MODEL_FAULTS["nan"]
-    folder = raw_saved_model(tmp_path / "raw", labels, outputs)
-    with pytest.raises(RejectedModel, match=r"warm-up gave NaN"):
-        check_in_subprocess(folder, "flowers", timeout_s=240)
+    assert_rejected(pack_export(folder), repository, reason, check_model=check_model)
 
 
 def test_a_graph_that_writes_files_is_refused(repository: ModelRepository, tmp_path: Path) -> None:
@@ -359,7 +346,7 @@ def test_a_graph_that_writes_files_is_refused(repository: ModelRepository, tmp_p
     folder = raw_saved_model(tmp_path / "raw", ["a", "b"], outputs)
     with pytest.raises(RejectedModel, match="WriteFile"):
         refuse_denied_ops(folder / "saved_model.pb")
-    assert_rejected(pack_export(folder), repository, "WriteFile", check_model=validate_export)
+    assert_rejected(pack_export(folder), repository, "WriteFile", check_model=check_model)
     assert not planted.exists(), "the hostile graph ran"
 
 
@@ -431,7 +418,7 @@ def test_fuzz_arbitrary_archives_never_escape_the_target(
     target = scratch / "inner" / "export"
     try:
         extract_archive(io.BytesIO(tar_gz(members)), target, LIMITS)
-        check_export(target)
+        check_contents(target)
     except RejectedModel as error:
         assert error.message
     written = {p.relative_to(scratch).as_posix() for p in scratch.rglob("*")}
@@ -453,7 +440,7 @@ def test_fuzz_corrupted_archives_are_only_ever_rejected(
     target = Path(__import__("tempfile").mkdtemp(dir=tmp_path)) / "export"
     try:
         extract_archive(io.BytesIO(bytes(data)), target, LIMITS)
-        check_export(target)
+        check_contents(target)
     except GraftError as error:
         assert isinstance(error, RejectedModel) and error.message
     shutil.rmtree(target.parent)

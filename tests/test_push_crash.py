@@ -22,8 +22,8 @@ from PIL import Image
 from support.exports import make_tiny_export
 from support.server import RunningServer, kill_9, running_server
 
-from service.push import pack_export
-from service.repository import STAGING_PREFIX, ModelRepository
+from service.push.archive import pack_export
+from service.store.repository import STAGING_PREFIX, ModelRepository
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-admin-token-crash"

@@ -15,8 +15,8 @@ import pytest
 from support.exports import make_tiny_export
 
 from service.errors import BadRequest, ModelNotFound
-from service.manifest import ManifestError, verify_dir
-from service.repository import ModelRepository, RepositoryError
+from service.store.manifest import ManifestError, verify_dir
+from service.store.repository import ModelRepository, RepositoryError
 
 LABELS = ["red", "green", "blue"]
 
@@ -189,7 +189,7 @@ def test_concurrent_publishes_get_distinct_versions(repo, export_dir):
         for _ in range(3)
     ]
     code = (
-        "from service.repository import ModelRepository;"
+        "from service.store.repository import ModelRepository;"
         f"print(ModelRepository({str(repo.root)!r}).publish({str(export_dir)!r}, 'm'))"
     )
     processes = [_light_python(code) for _ in range(3)]
@@ -209,7 +209,7 @@ def test_concurrent_publishes_get_distinct_versions(repo, export_dir):
 # pid; "wait" reaps it and prints how it ended.
 FORKER = """
 import os, sys
-from service.repository import ModelRepository
+from service.store.repository import ModelRepository
 assert "tensorflow" not in sys.modules
 repository = ModelRepository(sys.argv[1])
 child = None
@@ -271,7 +271,7 @@ def test_kill_9_while_publishing_never_leaves_a_broken_version(repo, export_dir)
 # Enters a scratch folder, writes into it, reports its path, then waits to be killed.
 SCRATCH_HOLDER = """
 import sys, time
-from service.repository import ModelRepository
+from service.store.repository import ModelRepository
 with ModelRepository(sys.argv[1]).scratch() as folder:
     (folder / "half-unpacked").write_bytes(b"x" * 1024)
     print(folder, flush=True)

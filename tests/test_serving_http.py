@@ -245,7 +245,7 @@ def test_concurrent_clients_form_batches_and_metrics_count_them(server, http: ht
 def test_python_client_classifies_paths_and_bytes_and_raises_graft_errors(
     server, tmp_path: Path
 ) -> None:
-    from service.client import GraftClient
+    from service.client.http import GraftClient
     from service.errors import ModelNotFound, UnsupportedMediaType
 
     photo = tmp_path / "green.png"

@@ -16,11 +16,11 @@ import pytest
 from support.trained import COLOURS, tinted_photo
 
 from service.errors import ModelNotFound, NotReady, RejectedModel
-from service.inference import InferItem, InferResult, run_batch
-from service.manager import VersionManager, VersionState
-from service.manifest import Manifest, hash_tree
-from service.repository import ModelRepository
-from service.runtime import LoadedModel
+from service.runtime.batch_runner import InferItem, InferResult, run_batch
+from service.runtime.loaded_model import LoadedModel
+from service.runtime.versions import VersionManager, VersionState
+from service.store.manifest import Manifest, hash_tree
+from service.store.repository import ModelRepository
 
 MODEL = "colours"
 

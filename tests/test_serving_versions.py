@@ -15,8 +15,8 @@ import pytest
 from support.server import running_server
 from support.trained import tinted_photo
 
-from service.push import pack_export
-from service.repository import ModelRepository
+from service.push.archive import pack_export
+from service.store.repository import ModelRepository
 
 pytestmark = pytest.mark.slow
 MODEL = "colours"

@@ -6,8 +6,8 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
+from graft_cli import app
 from service.settings import GraftSettings
-from training.cli import app
 
 
 def test_a_request_limit_over_the_queue_is_refused_naming_both_settings() -> None:
@@ -30,9 +30,10 @@ def test_graft_serve_refuses_it_before_starting(tmp_path: Path) -> None:
 
 
 def test_bentoml_never_cuts_a_push_check_or_a_request_short() -> None:
-    from service.bento import Graft, Inference, traffic_timeouts_s
+    from service.app.entry import Graft, Inference
+    from service.app.timeouts import traffic_timeouts_s
 
-    served = GraftSettings()  # read from the same environment as service.bento read it
+    served = GraftSettings()  # read from the same environment as service.app.entry read it
     assert Inference.config["traffic"]["timeout"] > served.push_check_timeout_s
     assert Graft.config["traffic"]["timeout"] > Inference.config["traffic"]["timeout"]
     settings = GraftSettings(request_timeout_s=1, push_check_timeout_s=600)

@@ -1,5 +1,6 @@
-"""service.traffic: BentoML's per-request timeout without its memory retention, on a real ASGI
-app served through httpx's ASGI transport (the same middleware object BentoML would build)."""
+"""service.protocol.http.timeout: BentoML's per-request timeout without its memory retention, on
+a real ASGI app served through httpx's ASGI transport (the same middleware object BentoML would
+build)."""
 
 import asyncio
 import contextvars
@@ -16,7 +17,7 @@ from starlette.responses import PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from service import traffic
+from service.protocol.http import timeout as traffic
 
 REQUEST_STATE: contextvars.ContextVar[object] = contextvars.ContextVar("request_state")
 
@@ -89,7 +90,7 @@ def test_a_finished_request_keeps_nothing_alive_until_the_timeout() -> None:
 
 
 def test_bentomls_own_middleware_does_retain_them() -> None:
-    # The defect being worked around: if BentoML fixes it, this fails and traffic.py can go.
+    # The defect being worked around: if BentoML fixes it, this fails and the patch can go.
     bentomls = traffic.TimeoutMiddleware.__mro__[1]  # install() may have replaced the name
     assert bentomls.__module__ == bentoml_traffic.__name__
     assert asyncio.run(payloads_alive(bentomls)) == 20
@@ -117,6 +118,6 @@ def test_an_answer_that_has_started_is_not_cut_by_the_timeout() -> None:
 
 
 def test_install_makes_bentoml_build_graft_s_middleware() -> None:
-    import service.bento  # noqa: F401  (importing the services installs it)
+    import service.app.entry  # noqa: F401  (importing the services installs it)
 
     assert bentoml_traffic.TimeoutMiddleware is traffic.TimeoutMiddleware

@@ -8,8 +8,8 @@ import pytest
 from training_images import make_dataset
 from typer.testing import CliRunner, Result
 
-from service.repository import ModelRepository
-from training.cli import app
+from graft_cli import app
+from service.store.repository import ModelRepository
 
 runner = CliRunner()
 TINY = ["--image-size", "64", "--epochs", "2", "--fine-tune-epochs", "1", "--batch-size", "8"]

@@ -1,4 +1,4 @@
-"""service.validation on real generated files: what passes decodes like the original in the
+"""service.image_check on real generated files: what passes decodes like the original in the
 model's own decoder, what is refused is refused before decoding with a message that says why."""
 
 import io
@@ -14,8 +14,8 @@ from support.bad_images import INVALID, ODD_VALID, exif_rotated_jpeg, photo, png
 from support.images import encode
 
 from service.errors import GraftError, ImageTooLarge, InvalidImage, UnsupportedMediaType
+from service.image_check import CheckedImage, check_image, describe_bytes, sniff_format
 from service.settings import GraftSettings
-from service.validation import check_image, check_images, describe_bytes, sniff_format
 from training.preprocess import decode_and_resize, decode_rgb
 
 LIMIT = GraftSettings().max_image_pixels
@@ -148,6 +148,11 @@ def test_pixel_limit_is_inclusive() -> None:
     assert check_image(data, max_pixels=200).width == 20
     with pytest.raises(ImageTooLarge, match="20x10"):
         check_image(data, max_pixels=199)
+
+
+def check_images(images: list[bytes], *, max_pixels: int) -> list[CheckedImage]:
+    """What the gateway does with a request's images: each checked with its position."""
+    return [check_image(data, max_pixels=max_pixels, index=i) for i, data in enumerate(images)]
 
 
 def test_check_images_names_the_failing_position() -> None:

@@ -6,7 +6,6 @@ publish and push start instantly and work on machines that only move files.
 
 import functools
 import json
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -14,13 +13,13 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import typer
 
 from service.errors import GraftError, InvalidImage
-from service.manifest import verify_dir
-from service.push import pack_export
-from service.repository import ModelRepository, check_export, validate_name
+from service.image_check import check_image
+from service.push.archive import pack_export
 from service.settings import GraftSettings
-from service.validation import check_image
+from service.store.manifest import verify_dir
+from service.store.repository import ModelRepository, read_export, validate_name
+from training.default_model import DEFAULT_MODEL, create_default_model
 
-DEFAULT_MODEL = "imagenet"
 _Command = TypeVar("_Command", bound=Callable[..., Any])
 
 ModelRoot = Annotated[
@@ -113,7 +112,7 @@ def push(
 def push_archive(export_dir: Path) -> bytes:
     """The tar.gz the service's push endpoint expects, after checking every file against the
     export's draft manifest (so a damaged export fails here, not after the upload)."""
-    check_export(export_dir)
+    read_export(export_dir)
     verify_dir(export_dir)
     return pack_export(export_dir)
 
@@ -196,22 +195,3 @@ def init_default(model_root: ModelRoot = Path("models")) -> None:
         typer.echo(f"model {DEFAULT_MODEL!r} already has version(s) {existing}; nothing to do")
         return
     typer.echo(create_default_model(repository))
-
-
-def create_default_model(repository: ModelRepository) -> int:
-    """Export EfficientNet-Lite0 with its ImageNet head and publish it as `imagenet`."""
-    from training.backbones import efficientnet_lite0, imagenet_labels
-    from training.export import export_model
-
-    model = efficientnet_lite0(include_top=True, weights="imagenet")
-    with tempfile.TemporaryDirectory(prefix="graft-default-") as scratch:
-        export_dir = export_model(
-            model,
-            Path(scratch) / "export",
-            labels=imagenet_labels(),
-            image_size=int(model.input_shape[1]),
-            backbone="efficientnet_lite0",
-            metrics={},
-            dataset_fingerprint="imagenet-1k",
-        )
-        return repository.publish(export_dir, DEFAULT_MODEL)

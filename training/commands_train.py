@@ -90,7 +90,7 @@ class TrainOptions:
 
 def run_train(options: TrainOptions) -> dict:
     """Scan -> split -> fit -> evaluate -> export -> publish; returns the result object."""
-    from service.repository import ModelRepository, validate_name
+    from service.store.repository import ModelRepository, validate_name
     from training.augment import AugmentConfig, build_augmenter
     from training.backbones import get_backbone
     from training.data import split
@@ -261,7 +261,7 @@ def run_evaluate(
     """Evaluate a published version on every readable image of a class-folder tree."""
     import numpy as np
 
-    from service.repository import ModelRepository
+    from service.store.repository import ModelRepository
     from training.data import DataError
     from training.evaluate import classification_metrics, predict_saved_model
     from training.progress import Reporter

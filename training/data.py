@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from service.errors import GraftError
-from service.validation import check_image
+from service.image_check import check_image
 
 if TYPE_CHECKING:
     import tensorflow as tf

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from service import __version__
-from service.manifest import LABELS_FILE, SIGNATURES, Manifest, hash_tree
+from service.store.manifest import LABELS_FILE, SIGNATURES, Manifest, hash_tree
 from training.preprocess import decode_batch, resize_pixels
 
 

@@ -71,7 +71,7 @@ def publish_tiny_model(
     """Export a tiny model to a scratch folder beside `model_root` and publish it as `name`."""
     import tempfile
 
-    from service.repository import ModelRepository
+    from service.store.repository import ModelRepository
 
     with tempfile.TemporaryDirectory(dir=Path(model_root).parent) as scratch:
         export_dir = make_tiny_export(Path(scratch) / "export", labels)

@@ -1,0 +1,116 @@
+"""`graft serve`: serve every model in a repository over HTTP (and gRPC) with BentoML."""
+
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import SecretStr, ValidationError
+
+from service.settings import GraftSettings
+from service.store.repository import ModelRepository
+
+DefaultInstaller = Callable[[ModelRepository], int]
+
+
+def register(app: typer.Typer, install_default: DefaultInstaller) -> None:
+    """Add `graft serve`; an empty repository first gets the model `install_default` publishes
+    (the training side provides it: serving code does not import training)."""
+
+    def serve(
+        model_root: Annotated[
+            Path | None,
+            typer.Option(help="Model repository (TF Serving layout). [GRAFT_MODEL_ROOT]"),
+        ] = None,
+        host: Annotated[str | None, typer.Option(help="Address to listen on. [GRAFT_HOST]")] = None,
+        port: Annotated[int | None, typer.Option(help="HTTP port. [GRAFT_PORT]")] = None,
+        grpc_port: Annotated[
+            int | None, typer.Option(help="gRPC port; 0 turns gRPC off. [GRAFT_GRPC_PORT]")
+        ] = None,
+        default_model: Annotated[
+            str | None, typer.Option(help="Model for requests naming none. [GRAFT_DEFAULT_MODEL]")
+        ] = None,
+        workers: Annotated[
+            int | None, typer.Option(help="HTTP worker processes. [GRAFT_WORKERS]")
+        ] = None,
+    ) -> None:
+        """Serve the models under --model-root; an empty repository gets the ImageNet default.
+
+        Every other setting comes from GRAFT_* environment variables (see the README), e.g.
+        GRAFT_ADMIN_TOKEN turns the management API on.
+        """
+        flags = {
+            "model_root": model_root,
+            "host": host,
+            "port": port,
+            "grpc_port": grpc_port,
+            "default_model": default_model,
+            "workers": workers,
+        }
+        start({k: v for k, v in flags.items() if v is not None}, install_default)
+
+    app.command()(serve)
+
+
+def start(flags: dict[str, Any], install_default: DefaultInstaller) -> None:
+    """Serve with `flags` over the GRAFT_* environment until stopped (SIGTERM drains first)."""
+    try:
+        settings = GraftSettings(**flags)
+    except ValidationError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    settings.model_root = settings.model_root.resolve()
+    _ensure_a_model(settings, install_default)
+    _export(settings)
+    _serve(settings)
+
+
+def _ensure_a_model(settings: GraftSettings, install_default: DefaultInstaller) -> None:
+    repository = ModelRepository(settings.model_root)
+    if models := repository.models():
+        if settings.default_model not in models:
+            typer.echo(
+                f"warning: the default model {settings.default_model!r} is not in "
+                f"{settings.model_root} (found: {', '.join(models)}); /readyz stays 503 until "
+                "it is published. Choose another with --default-model.",
+                err=True,
+            )
+        return
+    typer.echo(f"{settings.model_root} holds no model: installing the ImageNet default first")
+    version = install_default(repository)
+    typer.echo(f"installed model 'imagenet' version {version}")
+
+
+def _export(settings: GraftSettings) -> None:
+    """Hand the settings to BentoML's worker processes, which inherit the environment."""
+    for field, value in settings.model_dump().items():
+        key = f"GRAFT_{field.upper()}"
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            secret = value.get_secret_value() if isinstance(value, SecretStr) else value
+            os.environ[key] = str(secret)
+
+
+def _serve(settings: GraftSettings) -> None:
+    # A private BentoML home per server: BentoML wipes its Prometheus multiprocess folder on
+    # start, and two servers sharing one (tests, a second replica) would corrupt each other's
+    # metrics.
+    home = tempfile.mkdtemp(prefix="graft-bentoml-")
+    os.environ["BENTOML_HOME"] = home
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+    try:
+        from service.app.supervisor import serve_gracefully
+
+        # The BentoML server runs as a child so that SIGTERM drains before the workers stop.
+        # Workers import "service.app.entry:Graft" from the cwd; graft is installed, so any
+        # cwd works.
+        child = [sys.executable, "-m", "service.app.server_process"]
+        code = serve_gracefully(child, settings, Path(home) / "draining")
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    if code:
+        raise typer.Exit(code)

@@ -1,0 +1,198 @@
+"""The gateway: what every protocol (HTTP routes, the gRPC servicers) calls to classify.
+
+It lives on the entry side and never imports TensorFlow. It validates requests, admits them
+against a bounded queue, resolves the model version, sends the images to the inference side
+(where they join adaptive batches with every other caller's images) and turns probabilities
+into answers. Every caller-visible failure is a `service.errors.GraftError`; protocols only
+translate it (HTTP status, gRPC status).
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from service.errors import BadRequest, GraftError, ModelNotFound, NotReady
+from service.gateway.admission import Admission
+from service.gateway.backend_calls import call_backend
+from service.gateway.management import Management
+from service.gateway.request_metrics import observe
+from service.gateway.results import Prediction, image_result, raise_first_error
+from service.image_check import check_image
+from service.schemas import ClassifyResponse
+from service.settings import GraftSettings
+from service.store.repository import validate_name
+from service.wire import InferenceBackend, InferItem, InferResult, ModelMetadata, ModelStatus
+
+logger = logging.getLogger("graft.gateway")
+
+
+@dataclass(frozen=True)
+class InferenceRequest:
+    """One classification request on its way to the inference side."""
+
+    images: list[bytes]
+    model: str
+    version: int | None  # None: the active version
+    deadline: float  # time.monotonic() instant, for the whole request, retry included
+    protocol: str
+
+
+def _not_draining() -> bool:
+    return False
+
+
+class Gateway:
+    def __init__(
+        self,
+        backend: InferenceBackend,
+        settings: GraftSettings,
+        draining: Callable[[], bool] = _not_draining,
+    ) -> None:
+        self._backend = backend
+        self._settings = settings
+        self._draining = draining
+        self._admission = Admission(settings.max_queue)
+        self._status: dict[str, ModelStatus] = {}
+        self._metadata: dict[tuple[str, int], ModelMetadata] = {}
+        self.management = Management(backend, settings)
+
+    async def refresh_status(self) -> list[ModelStatus]:
+        statuses = await self._backend.status()
+        self._status = {s.name: s for s in statuses}
+        return statuses
+
+    async def watch_status(self, interval_s: float = 0.5) -> None:
+        """Keep the cached model states fresh (readiness, version resolution); runs forever."""
+        while True:
+            try:
+                await self.refresh_status()
+            except Exception as exc:  # inference not up yet, or restarting: keep trying
+                logger.debug("model status unavailable: %s", exc)
+                self._status = {}  # not ready (gRPC health too) until it answers again
+            await asyncio.sleep(interval_s)
+
+    def ready(self, model: str | None = None) -> bool:
+        if self._draining():  # `graft serve` is stopping: load balancers must route elsewhere
+            return False
+        status = self._status.get(model or self._settings.default_model)
+        return status is not None and status.active_version is not None
+
+    async def models(self) -> list[ModelStatus]:
+        return await self.refresh_status()
+
+    async def metadata(self, model: str, version: int | None) -> ModelMetadata:
+        name = validate_name(model)
+        resolved = version if version is not None else self._active_version(name)
+        if resolved is None:
+            raise self._missing(name)
+        key = (name, resolved)
+        if key not in self._metadata:
+            call = self._backend.metadata(name, resolved)
+            self._metadata[key] = await call_backend(call, self._deadline(None))
+        return self._metadata[key]
+
+    async def classify(
+        self,
+        images: list[bytes],
+        *,
+        model: str | None,
+        version: int | None,
+        top_k: int,
+        protocol: str,
+        deadline: float | None = None,
+        route: str = "classify",
+    ) -> ClassifyResponse:
+        if top_k < 1:
+            raise BadRequest(f"top_k must be at least 1, got {top_k}")
+        prediction = await self.predict(
+            images, model=model, version=version, protocol=protocol, deadline=deadline, route=route
+        )
+        k = min(top_k, len(prediction.labels))
+        return ClassifyResponse(
+            model=prediction.model,
+            version=prediction.version,
+            results=[image_result(row, prediction.labels, k) for row in prediction.probabilities],
+        )
+
+    async def predict(
+        self,
+        images: list[bytes],
+        *,
+        model: str | None,
+        version: int | None,
+        protocol: str,
+        deadline: float | None = None,
+        route: str = "predict",
+    ) -> Prediction:
+        """Probabilities for `images`; `deadline` (time.monotonic()) defaults to
+        GRAFT_REQUEST_TIMEOUT_S from now."""
+        name = model or self._settings.default_model
+        with observe(protocol, route, name, version) as outcome:
+            request = InferenceRequest(images, name, version, self._deadline(deadline), protocol)
+            prediction = await self._predict(request)
+            outcome["version"] = str(prediction.version)
+            return prediction
+
+    async def _predict(self, request: InferenceRequest) -> Prediction:
+        name = validate_name(request.model)
+        checked = replace(request, images=self._validated(request.images))
+        resolved = request.version if request.version is not None else self._active_version(name)
+        with self._admission.admitted(len(checked.images)):
+            results = await self._infer(replace(checked, version=resolved))
+            if request.version is None and any(r.error_code == ModelNotFound.code for r in results):
+                # The cached active version was swapped out twice since the last status poll.
+                await self.refresh_status()
+                results = await self._infer(replace(checked, version=self._active_version(name)))
+        raise_first_error(results)
+        served = results[0].version
+        assert served is not None  # a successful result always names its version
+        meta = await self.metadata(name, served)
+        return Prediction(name, served, meta.labels, np.stack([r.array() for r in results]))
+
+    def _validated(self, images: list[bytes]) -> list[bytes]:
+        if not images:
+            raise BadRequest("no images in the request; send at least one")
+        limit = self._settings.max_images_per_request
+        if len(images) > limit:
+            # GraftSettings keeps the limit within GRAFT_MAX_QUEUE, so this also refuses, with a
+            # 400 rather than an endless 503, every request the queue could never hold.
+            raise BadRequest(
+                f"{len(images)} images in one request; the limit is {limit}: split it into "
+                f"requests of at most {limit} images, or raise GRAFT_MAX_IMAGES_PER_REQUEST "
+                "(and GRAFT_MAX_QUEUE with it) on the server"
+            )
+        pixels = self._settings.max_image_pixels
+        return [check_image(data, max_pixels=pixels, index=i).data for i, data in enumerate(images)]
+
+    async def _infer(self, request: InferenceRequest) -> list[InferResult]:
+        now = time.time()
+        items = [
+            InferItem(
+                model=request.model,
+                version=request.version,
+                image=image,
+                enqueued_at=now,
+                protocol=request.protocol,
+            )
+            for image in request.images
+        ]
+        return await call_backend(self._backend.infer(items), request.deadline)
+
+    def _deadline(self, deadline: float | None) -> float:
+        if deadline is not None:
+            return deadline
+        return time.monotonic() + self._settings.request_timeout_s
+
+    def _active_version(self, name: str) -> int | None:
+        status = self._status.get(name)
+        return status.active_version if status else None
+
+    def _missing(self, name: str) -> GraftError:
+        status = self._status.get(name)
+        if status is None:
+            return ModelNotFound(f"model {name!r} does not exist in the repository")
+        return NotReady(f"model {name!r} has no loaded version yet; retry shortly")

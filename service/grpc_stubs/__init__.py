@@ -1,1 +1,0 @@
-"""Generated gRPC stubs (`make proto`); never edit by hand."""

@@ -1,1 +1,0 @@
-"""Stubs for the graft.* proto packages."""

@@ -1,1 +1,0 @@
-"""Stubs for graft.v1 (proto/graft/v1/*.proto)."""

@@ -1,0 +1,232 @@
+"""Image checks that run before any pixel is decoded: format, size, integrity, orientation.
+
+Every upload passes `check_image` in the entry service. It sniffs the format from magic bytes
+(never from a file name or content type), reads width and height from the header only and
+refuses images over `max_image_pixels`, so a decompression bomb costs a few header bytes. It
+then runs one cheap structural check per format so truncated and corrupted files get a clear
+400 here instead of a decoder error deep in a batch. The SavedModel's own decoder stays the
+last line of defence: anything that slips through fails there and the inference service must
+turn that into a per-image 400 as well.
+
+Pixels are decoded here in two rare cases only, both bounded by the pixel limit:
+- a JPEG with an EXIF orientation other than 1: TensorFlow's decoder ignores EXIF, so a phone
+  photo taken in portrait would be classified lying on its side. It is rotated here and
+  re-encoded as 24-bit BMP (lossless, and TensorFlow decodes it in microseconds); large photos
+  are decoded at a reduced JPEG scale that keeps the shorter side >= 1024 px, far above every
+  backbone's input size, so the model still resizes down from a sharp image.
+- a BMP that TensorFlow decodes wrongly or not at all (palettes, 1/4/16-bit, RLE, trailing
+  bytes): re-encoded the same way.
+
+There is no minimum size: a 1x1 image or a 1x10000 strip is classified (the model squashes
+every image to its square input, as in training).
+"""
+
+import io
+import struct
+from dataclasses import dataclass
+
+from PIL import Image
+
+from service.errors import GraftError, ImageTooLarge, InvalidImage, UnsupportedMediaType
+
+ACCEPTED = "JPEG, PNG, BMP or GIF"
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"BM", "bmp"),
+)
+_PIL_FORMAT = {"jpeg": "JPEG", "png": "PNG", "gif": "GIF", "bmp": "BMP"}
+# Known non-image (or unsupported image) signatures, so a 415 can say what was actually sent.
+_OTHER_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"%PDF-", "PDF"),
+    (b"PK\x03\x04", "ZIP archive (or docx/xlsx/jar)"),
+    (b"PK\x05\x06", "empty ZIP archive"),
+    (b"\x1f\x8b", "gzip"),
+    (b"BZh", "bzip2"),
+    (b"\xfd7zXZ\x00", "xz"),
+    (b"7z\xbc\xaf\x27\x1c", "7-Zip archive"),
+    (b"Rar!\x1a\x07", "RAR archive"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"8BPS", "Photoshop PSD"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+    (b"\xff\x4f\xff\x51", "JPEG 2000 codestream"),
+    (b"\xff\x0a", "JPEG XL"),
+    (b"qoif", "QOI"),
+    (b"\x7fELF", "ELF executable"),
+    (b"MZ", "Windows executable"),
+    (b"\xca\xfe\xba\xbe", "Java class / Mach-O"),
+    (b"SQLite format 3\x00", "SQLite database"),
+    (b"\x89HDF\r\n\x1a\n", "HDF5 (Keras .h5)"),
+)
+_TEXT_MARKUP: tuple[tuple[bytes, str], ...] = (
+    (b"<!doctype html", "HTML"),
+    (b"<html", "HTML"),
+    (b"<svg", "SVG"),
+    (b"<?xml", "XML"),
+    (b"{", "JSON"),
+    (b"[", "JSON"),
+)
+# EXIF orientation -> the transpose that makes the stored pixels upright.
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_ORIENTATION_TAG = 0x0112
+_DRAFT_MIN_SIDE = 1024
+
+
+@dataclass(frozen=True)
+class CheckedImage:
+    """An upload that passed every check, ready for the model's decoder."""
+
+    data: bytes  # the upload itself, or a lossless BMP re-encode (see `reencoded`)
+    format: str  # jpeg | png | bmp | gif: what the client sent
+    width: int  # as stored in the header, before any EXIF rotation
+    height: int
+    reencoded: str | None = None  # why the bytes were re-encoded; None when passed through
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The accepted format these bytes start with (jpeg, png, gif, bmp), or None."""
+    for magic, name in _MAGIC:
+        if data.startswith(magic):
+            return name
+    return None
+
+
+def describe_bytes(data: bytes) -> str:
+    """A short human name for what non-image bytes look like, for error messages."""
+    for magic, name in _OTHER_MAGIC:
+        if data.startswith(magic):
+            return name
+    if data[:12].startswith(b"RIFF") and data[8:12] == b"WEBP":
+        return "WebP"
+    if data[4:8] == b"ftyp":
+        brand = data[8:12]
+        return "HEIC/AVIF" if brand in (b"heic", b"heix", b"mif1", b"avif", b"msf1") else "MP4"
+    if data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "Python pickle"
+    head = data[:256].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    for magic, name in _TEXT_MARKUP:
+        if head.startswith(magic):
+            return name
+    return "plain text" if _looks_like_text(data[:512]) else f"unknown (starts {data[:8].hex(' ')})"
+
+
+def check_image(data: bytes, *, max_pixels: int, index: int = 0) -> CheckedImage:
+    """Refuse anything the model should not decode; return the bytes it should decode.
+
+    Raises InvalidImage (400), ImageTooLarge (400) or UnsupportedMediaType (415), each
+    naming the image by its position in the request.
+    """
+    where = f"image {index}"
+    if not data:
+        raise InvalidImage(f"{where} is empty (0 bytes); send the file's contents.")
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise UnsupportedMediaType(
+            f"{where} is {describe_bytes(data)}, not an image format graft accepts; "
+            f"send {ACCEPTED} (convert other formats first)."
+        )
+    try:
+        return _check_known_format(data, fmt, max_pixels=max_pixels, where=where)
+    except GraftError:
+        raise
+    except Image.DecompressionBombError as error:
+        # Pillow's own guard fires only when max_pixels is set above ~179 megapixels.
+        raise ImageTooLarge(
+            f"{where} is refused before decoding ({error}); the limit is "
+            f"{max_pixels / 1e6:g} megapixels (GRAFT_MAX_IMAGE_PIXELS): downscale it first."
+        ) from None
+    except Exception as error:
+        # Pillow's parsers raise a zoo of types (OSError, SyntaxError, struct.error, ...) on
+        # hostile bytes; every one of them means the same thing to the caller.
+        raise InvalidImage(
+            f"{where} looks like a {fmt.upper()} but is damaged or truncated ({error}); "
+            "re-export or re-upload the file."
+        ) from None
+
+
+def _check_known_format(data: bytes, fmt: str, *, max_pixels: int, where: str) -> CheckedImage:
+    with Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[fmt]]) as image:
+        width, height = image.size
+        _check_size(width, height, max_pixels=max_pixels, where=where)
+        if fmt == "jpeg":
+            return _check_jpeg(data, image, where=where)
+        if fmt == "png":
+            image.verify()  # walks every chunk checking its CRC; does not inflate pixels
+        elif fmt == "gif":
+            image.load()  # first frame only: the one the model sees
+        elif not _bmp_is_native(data):
+            return _reencode(image, fmt, reason="bmp variant TensorFlow cannot decode")
+    return CheckedImage(data, fmt, width, height)
+
+
+def _check_size(width: int, height: int, *, max_pixels: int, where: str) -> None:
+    if width < 1 or height < 1:
+        raise InvalidImage(f"{where} is {width}x{height}: it has no pixels.")
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"{where} is {width}x{height} = {width * height / 1e6:.1f} megapixels, over the "
+            f"{max_pixels / 1e6:g} megapixel limit (GRAFT_MAX_IMAGE_PIXELS); downscale it first."
+        )
+
+
+def _check_jpeg(data: bytes, image: Image.Image, *, where: str) -> CheckedImage:
+    # Inside entropy-coded data 0xFF is always followed by 0x00 or a restart marker, so the
+    # last start-of-scan must be followed by an end-of-image marker in a complete file.
+    if data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda") or b"\xff\xda" not in data:
+        raise InvalidImage(
+            f"{where} is a truncated JPEG (no end-of-image marker after the image data); "
+            "the upload was probably cut short: send the whole file."
+        )
+    orientation = _exif_orientation(image)
+    if orientation not in _UPRIGHT:
+        return CheckedImage(data, "jpeg", image.width, image.height)
+    width, height = image.size
+    image.draft(None, (_DRAFT_MIN_SIDE, _DRAFT_MIN_SIDE))
+    upright = image.transpose(_UPRIGHT[orientation])
+    checked = _reencode(upright, "jpeg", reason=f"exif orientation {orientation} applied")
+    return CheckedImage(checked.data, "jpeg", width, height, checked.reencoded)
+
+
+def _exif_orientation(image: Image.Image) -> int | None:
+    try:
+        return image.getexif().get(_ORIENTATION_TAG)
+    except Exception:
+        # Broken EXIF is ignored, exactly as TensorFlow's decoder ignores all of it.
+        return None
+
+
+def _bmp_is_native(data: bytes) -> bool:
+    """True when TensorFlow's BMP decoder reads these bytes as Pillow would.
+
+    It handles uncompressed 24/32-bit pixels only, ignores palettes and insists the file is
+    exactly header + rows long.
+    """
+    if len(data) < 34:
+        return False
+    offset, _, width, height, _, bpp, compression = struct.unpack_from("<I I i i H H I", data, 10)
+    row = (bpp * abs(width) + 31) // 32 * 4
+    return bpp in (24, 32) and compression == 0 and len(data) == offset + row * abs(height)
+
+
+def _reencode(image: Image.Image, fmt: str, *, reason: str) -> CheckedImage:
+    out = io.BytesIO()
+    image.convert("RGB").save(out, "BMP")
+    return CheckedImage(out.getvalue(), fmt, image.width, image.height, reason)
+
+
+def _looks_like_text(head: bytes) -> bool:
+    text = head.decode("utf-8", errors="replace")
+    printable = sum((ch.isprintable() and ch != "\ufffd") or ch in "\r\n\t" for ch in text)
+    return bool(text) and printable >= 0.95 * len(text)

@@ -1,0 +1,165 @@
+"""The OpenAPI 3.1 document of graft's HTTP API, served at /openapi.json.
+
+BentoML's generated spec (/docs.json) only knows `@bentoml.api` methods, and graft's routes are
+a mounted Starlette app, so the document is assembled here from the pydantic schemas that the
+routes really return.
+"""
+
+from functools import cache
+from typing import Any
+
+from pydantic import BaseModel
+
+from service import __version__
+from service.schemas import ClassifyResponse, ErrorBody
+from service.wire import ModelStatus
+
+_REF = "#/components/schemas/{model}"
+
+
+@cache
+def openapi_document() -> dict[str, Any]:
+    schemas: dict[str, Any] = {}
+    for model in (ClassifyResponse, ErrorBody, ModelStatus):
+        _add_schema(schemas, model)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "graft", "version": __version__},
+        "paths": _paths(),
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def _add_schema(schemas: dict[str, Any], model: type[BaseModel]) -> None:
+    schema = model.model_json_schema(ref_template=_REF)
+    schemas.update(schema.pop("$defs", {}))
+    schemas[model.__name__] = schema
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": _REF.format(model=name)}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    error = _json(_ref("ErrorBody"), "An ErrorBody naming the problem")
+    return {str(code): error for code in codes}
+
+
+_IMAGES_B64 = {
+    "type": "array",
+    "items": {"type": "object", "properties": {"b64": {"type": "string"}}, "required": ["b64"]},
+}
+_MODEL_LIST = {"type": "array", "items": _ref("ModelStatus")}
+_BINARY = {"type": "string", "format": "binary"}
+_MODEL_PARAM = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+_VERSION_PARAM = {"name": "version", "in": "path", "required": True, "schema": {"type": "integer"}}
+
+
+def _paths() -> dict[str, Any]:
+    classify_form = {
+        "type": "object",
+        "properties": {
+            "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+            "model": {"type": "string"},
+            "version": {"type": "integer"},
+            "top_k": {"type": "integer", "default": 5},
+        },
+        "required": ["images"],
+    }
+    classify_json = {**classify_form, "properties": {**classify_form["properties"]}}
+    classify_json["properties"]["images"] = _IMAGES_B64
+    predict = {
+        "summary": "TensorFlow Serving REST predict (serving_default)",
+        "parameters": [_MODEL_PARAM],
+        "requestBody": _json(
+            {"type": "object", "properties": {"instances": _IMAGES_B64, "inputs": {}}},
+            'Row format {"instances": [{"b64": ...}]} or columnar {"inputs": ...}',
+        ),
+        "responses": {
+            "200": _json({"type": "object"}, '{"predictions": [...]} or {"outputs": {...}}'),
+            **_errors(400, 404, 413, 415, 503, 504),
+        },
+    }
+    admin = [{"admin": []}]
+    return {
+        "/classify": {
+            "post": {
+                "summary": "Classify one or more images",
+                "requestBody": {
+                    "content": {
+                        "multipart/form-data": {"schema": classify_form},
+                        "application/json": {"schema": classify_json},
+                    }
+                },
+                "responses": {
+                    "200": _json(_ref("ClassifyResponse"), "One result per image, in order"),
+                    **_errors(400, 404, 413, 415, 503, 504),
+                },
+            }
+        },
+        "/v1/models/{name}:predict": {"post": predict},
+        "/v1/models/{name}/versions/{version}:predict": {
+            "post": {**predict, "parameters": [_MODEL_PARAM, _VERSION_PARAM]}
+        },
+        "/v1/models/{name}": {
+            "get": {
+                "summary": "TensorFlow Serving model status",
+                "parameters": [_MODEL_PARAM],
+                "responses": {"200": _json({"type": "object"}, "model_version_status")},
+            }
+        },
+        "/v1/models/{name}/metadata": {
+            "get": {
+                "summary": "TensorFlow Serving model metadata (signature_def)",
+                "parameters": [_MODEL_PARAM],
+                "responses": {"200": _json({"type": "object"}, "model_spec and metadata")},
+            }
+        },
+        "/models": {
+            "get": {
+                "summary": "Every model: versions, states, active version, pin",
+                "security": admin,
+                "responses": {
+                    "200": _json(
+                        {"type": "object", "properties": {"models": _MODEL_LIST}},
+                        "Model states",
+                    ),
+                    **_errors(401, 403),
+                },
+            }
+        },
+        "/models/{name}/versions": {
+            "post": {
+                "summary": "Upload a new version (tar.gz of an export folder)",
+                "security": admin,
+                "parameters": [_MODEL_PARAM],
+                "requestBody": {"content": {"application/gzip": {"schema": _BINARY}}},
+                "responses": {
+                    "201": _json({"type": "object"}, "The published version"),
+                    **_errors(400, 401, 403, 413, 422),
+                },
+            }
+        },
+        "/models/{name}/policy": {
+            "put": {
+                "summary": 'Pin a version ({"pin": N}) or follow the newest ({"pin": null})',
+                "security": admin,
+                "parameters": [_MODEL_PARAM],
+                "requestBody": _json(
+                    {"type": "object", "properties": {"pin": {"type": ["integer", "null"]}}},
+                    "The new policy",
+                ),
+                "responses": {
+                    "200": _json({"type": "object"}, "The policy now in force"),
+                    **_errors(400, 401, 403, 404),
+                },
+            }
+        },
+    }

@@ -1,0 +1,225 @@
+"""graft's HTTP routes: /classify, TensorFlow Serving REST, and the management API.
+
+A plain Starlette app that the entry service mounts beside BentoML's own routes (/livez,
+/readyz, /metrics). Handlers only parse and format: all the work, and every failure, comes
+from the Gateway, and a GraftError becomes `ErrorBody` JSON with the error's HTTP status.
+"""
+
+import logging
+import tempfile
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from service.errors import BadRequest, GraftError, ModelNotFound, Overloaded, validation_message
+from service.gateway import Gateway
+from service.gateway.request_metrics import observe, rejected
+from service.protocol.http.bodies import PinBody, classify_input, json_body, tf_instances
+from service.protocol.http.openapi import openapi_document
+from service.schemas import ErrorBody
+from service.store.repository import validate_name
+from service.units import MiB
+from service.wire import ModelStatus, VersionState
+
+logger = logging.getLogger("graft.http")
+
+GatewayGetter = Callable[[], Gateway]
+Handler = Callable[[Request], Awaitable[Response]]
+
+_SPOOL_BYTES = 8 * MiB  # larger uploads go to a temporary file, not memory
+CLASSIFY_ROUTE = "/classify"
+PREDICT_ROUTE = "/v1/models/{name}:predict"
+
+
+def error_response(exc: GraftError) -> JSONResponse:
+    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else None
+    if exc.http_status == 401:
+        headers = {"WWW-Authenticate": 'Bearer realm="graft management"'}
+    body = ErrorBody(error=exc.code, message=exc.message)
+    return JSONResponse(body.model_dump(), status_code=exc.http_status, headers=headers)
+
+
+def build_app(get_gateway: GatewayGetter) -> Starlette:
+    """The Starlette app; `get_gateway` returns the running service's Gateway."""
+    api = _Handlers(get_gateway)
+    versioned = "/v1/models/{name}/versions/{version:int}"
+    routes = [
+        Route(CLASSIFY_ROUTE, api.classify, methods=["POST"]),
+        Route(PREDICT_ROUTE, api.tf_predict, methods=["POST"]),
+        Route(f"{versioned}:predict", api.tf_predict, methods=["POST"]),
+        Route("/v1/models/{name}", api.tf_status, methods=["GET"]),
+        Route(versioned, api.tf_status, methods=["GET"]),
+        Route("/v1/models/{name}/metadata", api.tf_metadata, methods=["GET"]),
+        Route(f"{versioned}/metadata", api.tf_metadata, methods=["GET"]),
+        Route("/models", api.list_models, methods=["GET"]),
+        Route("/models/{name}/policy", api.set_policy, methods=["PUT"]),
+        Route("/models/{name}/versions", api.push, methods=["POST"]),
+        Route("/openapi.json", api.openapi, methods=["GET"]),
+    ]
+    return Starlette(routes=routes)
+
+
+class _Handlers:
+    """One method per route; each parses, calls the Gateway and formats."""
+
+    def __init__(self, get_gateway: GatewayGetter) -> None:
+        self._gateway = get_gateway
+
+    # -- inference ---------------------------------------------------------------------------
+
+    async def classify(self, request: Request) -> Response:
+        gateway = self._gateway()
+        try:
+            images, fields = await classify_input(request)
+        except GraftError as exc:
+            return _rejected(CLASSIFY_ROUTE, exc)
+        try:
+            response = await gateway.classify(
+                images,
+                model=fields.model,
+                version=fields.version,
+                top_k=fields.top_k,
+                protocol="http",
+                route=CLASSIFY_ROUTE,
+            )
+        except GraftError as exc:
+            return error_response(exc)
+        return JSONResponse(response.model_dump())
+
+    async def tf_predict(self, request: Request) -> Response:
+        gateway = self._gateway()
+        try:
+            name = validate_name(request.path_params["name"])
+            images, columnar = tf_instances(await json_body(request))
+        except GraftError as exc:
+            return _rejected(PREDICT_ROUTE, exc)
+        try:
+            prediction = await gateway.predict(
+                images,
+                model=name,
+                version=request.path_params.get("version"),
+                protocol="http",
+                route=PREDICT_ROUTE,
+            )
+        except GraftError as exc:
+            return error_response(exc)
+        probabilities = prediction.probabilities
+        labels, scores = prediction.top1()
+        if columnar:
+            outputs = {"probabilities": probabilities.tolist(), "label": labels, "score": scores}
+            return JSONResponse({"outputs": outputs})
+        rows = zip(probabilities.tolist(), labels, scores, strict=True)
+        predictions = [{"probabilities": p, "label": lb, "score": s} for p, lb, s in rows]
+        return JSONResponse({"predictions": predictions})
+
+    async def tf_status(self, request: Request) -> Response:
+        return await self._observed(request, "/v1/models/{name}", self._tf_status)
+
+    async def _tf_status(self, request: Request) -> Response:
+        name = validate_name(request.path_params["name"])
+        status = _find(await self._gateway().models(), name)
+        wanted = request.path_params.get("version")
+        versions = [v for v in status.versions if wanted is None or v.version == wanted]
+        if not versions:
+            raise ModelNotFound(f"model {name!r} has no version {wanted}")
+        return JSONResponse({"model_version_status": [_tf_version(v) for v in versions]})
+
+    async def tf_metadata(self, request: Request) -> Response:
+        return await self._observed(request, "/v1/models/{name}/metadata", self._tf_metadata)
+
+    async def _tf_metadata(self, request: Request) -> Response:
+        name = validate_name(request.path_params["name"])
+        meta = await self._gateway().metadata(name, request.path_params.get("version"))
+        spec = {"name": meta.name, "signature_name": "", "version": str(meta.version)}
+        signatures = {"signature_def": {"signature_def": meta.signatures}}
+        return JSONResponse({"model_spec": spec, "metadata": signatures})
+
+    # -- management ----------------------------------------------------------------------------
+
+    async def list_models(self, request: Request) -> Response:
+        return await self._observed(request, "/models", self._list_models, admin=True)
+
+    async def _list_models(self, request: Request) -> Response:
+        statuses = await self._gateway().models()
+        return JSONResponse({"models": [s.model_dump(mode="json") for s in statuses]})
+
+    async def set_policy(self, request: Request) -> Response:
+        return await self._observed(request, "/models/{name}/policy", self._set_policy, admin=True)
+
+    async def _set_policy(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        try:
+            body = PinBody.model_validate(await json_body(request))
+        except ValidationError as exc:
+            raise BadRequest(
+                f'send {{"pin": N}} or {{"pin": null}}: {validation_message(exc)}'
+            ) from None
+        await self._gateway().management.set_pin(name, body.pin)
+        return JSONResponse({"name": name, "pin": body.pin})
+
+    async def push(self, request: Request) -> Response:
+        return await self._observed(request, "/models/{name}/versions", self._push, admin=True)
+
+    async def _push(self, request: Request) -> Response:
+        with tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES) as upload:
+            async for chunk in request.stream():  # RequestGuard caps it at max_push_bytes
+                upload.write(chunk)
+            if upload.tell() == 0:
+                raise BadRequest("the body is empty; send a tar.gz of an export folder")
+            upload.seek(0)
+            version = await self._gateway().management.push(request.path_params["name"], upload)
+        return JSONResponse({"name": request.path_params["name"], "version": version}, 201)
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(openapi_document())
+
+    async def _observed(
+        self,
+        request: Request,
+        route: str,
+        handler: Handler,
+        *,
+        admin: bool = False,
+    ) -> Response:
+        gateway = self._gateway()
+        try:
+            with observe("http", route, request.path_params.get("name", "")):
+                if admin:
+                    gateway.management.authorize(request.headers.get("authorization"))
+                return await handler(request)
+        except GraftError as exc:
+            return error_response(exc)
+
+
+def _rejected(route: str, exc: GraftError) -> Response:
+    """A request refused while parsing, before it reached the gateway: still counted."""
+    rejected("http", route, exc)
+    return error_response(exc)
+
+
+def _find(statuses: list[ModelStatus], name: str) -> ModelStatus:
+    for status in statuses:
+        if status.name == name:
+            return status
+    raise ModelNotFound(f"model {name!r} does not exist in the repository")
+
+
+def _tf_version(version: Any) -> dict[str, Any]:
+    state = {
+        VersionState.AVAILABLE: "AVAILABLE",
+        VersionState.LOADING: "LOADING",
+    }.get(version.state, "END")
+    failed = version.state == VersionState.FAILED
+    return {
+        "version": str(version.version),
+        "state": state,
+        "status": {
+            "error_code": "UNKNOWN" if failed else "OK",
+            "error_message": version.reason or "",
+        },
+    }

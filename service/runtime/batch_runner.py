@@ -1,0 +1,91 @@
+"""How one inference batch is run.
+
+A batch mixes items from many requests (HTTP and gRPC alike), possibly for different models and
+versions. Items are grouped by (model, version) and each group is one call of the SavedModel's
+`serving_default` on the encoded bytes. If a group fails to decode, its items are re-run one by
+one, so a single bad image fails only its own item (and so its own request), never the batch.
+"""
+
+import time
+from collections import defaultdict
+from typing import cast
+
+import numpy as np
+
+from service import metrics
+from service.errors import GraftError, InvalidImage
+from service.runtime.loaded_model import LoadedModel
+from service.runtime.versions import VersionManager
+from service.wire import InferItem, InferResult, ModelMetadata
+
+
+def metadata_of(model: LoadedModel) -> ModelMetadata:
+    return ModelMetadata(
+        name=model.name,
+        version=model.version,
+        labels=model.labels,
+        image_size=model.image_size,
+        signatures=model.signatures,
+    )
+
+
+def run_batch(manager: VersionManager, items: list[InferItem]) -> list[InferResult]:
+    """Results for `items`, in order; never raises for a problem with one item."""
+    started = time.time()
+    for item in items:
+        metrics.QUEUE_WAIT.observe(max(0.0, started - item.enqueued_at))
+    metrics.BATCHES.labels("+".join(sorted({item.protocol for item in items}))).inc()
+    results: list[InferResult | None] = [None] * len(items)
+    groups: dict[tuple[str, int | None], list[int]] = defaultdict(list)
+    for index, item in enumerate(items):
+        groups[(item.model, item.version)].append(index)
+    for (name, version), indices in groups.items():
+        try:
+            model = manager.get(name, version)
+        except GraftError as exc:
+            for index in indices:
+                results[index] = _failure(name, version, exc)
+            continue
+        group = _run_group(model, [items[i] for i in indices])
+        for index, result in zip(indices, group, strict=True):
+            results[index] = result
+    assert all(r is not None for r in results)  # every index belongs to exactly one group
+    return cast(list[InferResult], results)
+
+
+def _run_group(model: LoadedModel, items: list[InferItem]) -> list[InferResult]:
+    started = time.perf_counter()
+    try:
+        probabilities = model.predict([item.image for item in items])
+    except InvalidImage:
+        return [_run_one(model, item) for item in items]
+    version = str(model.version)
+    metrics.BATCH_SIZE.labels(model.name, version).observe(len(items))
+    metrics.INFERENCE_DURATION.labels(model.name, version).observe(time.perf_counter() - started)
+    return [_success(model, row) for row in probabilities]
+
+
+def _run_one(model: LoadedModel, item: InferItem) -> InferResult:
+    started = time.perf_counter()
+    try:
+        probabilities = model.predict([item.image])
+    except InvalidImage as exc:
+        return _failure(model.name, model.version, exc)
+    version = str(model.version)
+    metrics.BATCH_SIZE.labels(model.name, version).observe(1)
+    metrics.INFERENCE_DURATION.labels(model.name, version).observe(time.perf_counter() - started)
+    return _success(model, probabilities[0])
+
+
+def _success(model: LoadedModel, row: np.ndarray) -> InferResult:
+    top = int(np.argmax(row))
+    version = str(model.version)
+    metrics.PREDICTIONS.labels(model.name, version, model.labels[top]).inc()
+    metrics.CONFIDENCE.labels(model.name, version).observe(float(row[top]))
+    return InferResult(
+        model=model.name, version=model.version, probabilities=row.astype(np.float32).tobytes()
+    )
+
+
+def _failure(name: str, version: int | None, exc: GraftError) -> InferResult:
+    return InferResult(model=name, version=version, error_code=exc.code, error=exc.message)

@@ -1,0 +1,17 @@
+"""What a version folder holds: the names every side (export, store, runtime, protocols) shares.
+
+A version is a TensorFlow SavedModel with graft's manifest beside it:
+    saved_model.pb  fingerprint.pb  graft.json  assets/labels.txt  variables/...
+"""
+
+MANIFEST_FILE = "graft.json"
+LABELS_FILE = "assets/labels.txt"
+SAVED_MODEL_FILE = "saved_model.pb"
+VARIABLES_INDEX_FILE = "variables/variables.index"
+
+SERVING_SIGNATURE = "serving_default"  # `images`: encoded images, tf.string [n]
+PIXELS_SIGNATURE = "serve_pixels"  # `pixels`: uint8 [n, h, w, 3]
+SIGNATURES = (SERVING_SIGNATURE, PIXELS_SIGNATURE)
+# Signature -> the one input tensor it takes.
+SIGNATURE_INPUTS = {SERVING_SIGNATURE: "images", PIXELS_SIGNATURE: "pixels"}
+OUTPUTS = ("probabilities", "label", "score")

@@ -1,0 +1,127 @@
+"""graft.json: what a model version is, and the sha256 of every file in it.
+
+Deliberately free of TensorFlow: the repository, the version manager's poller and the kill -9
+tests read and verify manifests in processes that never load a model.
+"""
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError
+
+from service.errors import RejectedModel, validation_message
+from service.store.durable import write_durably
+from service.store.layout import LABELS_FILE, MANIFEST_FILE, SAVED_MODEL_FILE, SIGNATURES
+
+_CHUNK = 1 << 20
+
+
+class ManifestError(RejectedModel):
+    """A version folder whose files do not match its manifest (or that has no valid one)."""
+
+    code = "invalid_manifest"
+
+
+class Manifest(BaseModel):
+    """The content of graft.json. `name` and `version` stay None in an export's draft and are
+    filled in by `ModelRepository.publish`."""
+
+    name: str | None = None
+    version: int | None = None
+    backbone: str
+    image_size: int = Field(gt=0)
+    labels: list[str] = Field(min_length=1)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    dataset_fingerprint: str | None = None
+    framework: dict[str, str] = Field(default_factory=dict)
+    signatures: list[str] = Field(default_factory=lambda: list(SIGNATURES))
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    files: dict[str, str] = Field(
+        default_factory=dict, description="Relative POSIX path -> sha256 of every other file."
+    )
+
+    @classmethod
+    def read(cls, folder: Path) -> "Manifest":
+        path = folder / MANIFEST_FILE
+        try:
+            return cls.model_validate_json(path.read_bytes())
+        except FileNotFoundError:
+            raise ManifestError(
+                f"{folder} has no {MANIFEST_FILE}; it is not a graft export"
+            ) from None
+        except ValidationError as exc:
+            raise ManifestError(
+                f"{path} is invalid: {validation_message(exc, 'document')}"
+            ) from None
+
+    def write(self, folder: Path) -> None:
+        """Write graft.json durably: a temporary file, fsync, then rename over the old one."""
+        text = json.dumps(self.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n"
+        write_durably(folder / MANIFEST_FILE, text.encode())
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_tree(folder: Path) -> dict[str, str]:
+    """sha256 of every regular file under `folder` except graft.json itself.
+
+    A symlink or special file anywhere is an error: a version must be self-contained, and a
+    link could point outside the model repository.
+    """
+    hashes: dict[str, str] = {}
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder).as_posix()
+        if path.is_symlink() or not (path.is_file() or path.is_dir()):
+            raise ManifestError(f"{folder}: {relative} is a link or special file")
+        if path.is_file() and relative != MANIFEST_FILE:
+            hashes[relative] = sha256_file(path)
+    return hashes
+
+
+def verify_dir(folder: Path, *, name: str | None = None, version: int | None = None) -> Manifest:
+    """Check that `folder` holds exactly the files its manifest lists, with those hashes.
+
+    `name` / `version`, when given, must match the manifest (a version folder renamed or copied
+    by hand is caught here).
+    """
+    manifest = Manifest.read(folder)
+    if name is not None and manifest.name != name:
+        raise ManifestError(f"{folder}: manifest names model {manifest.name!r}, not {name!r}")
+    if version is not None and manifest.version != version:
+        raise ManifestError(f"{folder}: manifest says version {manifest.version}, not {version}")
+    _compare_files(folder, manifest.files, hash_tree(folder))
+    _check_labels_file(folder, manifest.labels)
+    return manifest
+
+
+def _compare_files(folder: Path, expected: dict[str, str], actual: dict[str, str]) -> None:
+    missing = sorted(expected.keys() - actual.keys())
+    extra = sorted(actual.keys() - expected.keys())
+    changed = sorted(p for p in expected.keys() & actual.keys() if expected[p] != actual[p])
+    problems = [
+        f"{label}: {', '.join(paths[:5])}"
+        for label, paths in (("missing", missing), ("not in manifest", extra), ("changed", changed))
+        if paths
+    ]
+    if problems:
+        raise ManifestError(f"{folder} does not match its manifest ({'; '.join(problems)})")
+    if SAVED_MODEL_FILE not in expected:
+        raise ManifestError(f"{folder} has no {SAVED_MODEL_FILE}; it is not a SavedModel")
+
+
+def _check_labels_file(folder: Path, labels: list[str]) -> None:
+    try:
+        on_disk = (folder / LABELS_FILE).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ManifestError(f"{folder} has no {LABELS_FILE}") from None
+    if on_disk != labels:
+        raise ManifestError(f"{folder}: {LABELS_FILE} disagrees with the labels in the manifest")

@@ -1,0 +1,1 @@
+"""Generated package `service.stubs.graft`: `make proto`; never edit."""

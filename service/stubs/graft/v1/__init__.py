@@ -1,0 +1,1 @@
+"""Generated package `service.stubs.graft.v1`: `make proto`; never edit."""

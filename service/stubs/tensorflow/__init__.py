@@ -1,0 +1,1 @@
+"""Generated package `service.stubs.tensorflow`: `make proto`; never edit."""

@@ -1,0 +1,1 @@
+"""Generated package `service.stubs.tensorflow.core`: `make proto`; never edit."""

@@ -1,0 +1,1 @@
+"""Generated package `service.stubs.tensorflow.core.example`: `make proto`; never edit."""

@@ -1,0 +1,1 @@
+"""Generated package `service.stubs.tensorflow.core.framework`: `make proto`; never edit."""

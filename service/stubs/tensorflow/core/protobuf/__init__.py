@@ -1,0 +1,1 @@
+"""Generated package `service.stubs.tensorflow.core.protobuf`: `make proto`; never edit."""

@@ -1,0 +1,1 @@
+"""Generated package `service.stubs.tensorflow_serving`: `make proto`; never edit."""

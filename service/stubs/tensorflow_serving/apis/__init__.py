@@ -1,0 +1,1 @@
+"""Generated package `service.stubs.tensorflow_serving.apis`: `make proto`; never edit."""

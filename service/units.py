@@ -1,0 +1,3 @@
+"""Byte units for sizes and limits."""
+
+MiB = 1024 * 1024
