@@ -16,6 +16,7 @@ setup:
 
 lint:
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/pytest

@@ -74,10 +74,12 @@ def uncached_phase1_epoch(data: Path, max_per_class: int | None) -> float:
     from training import commands_train as defaults
     from training.augment import AugmentConfig, build_augmenter
     from training.backbones import get_backbone
-    from training.data import scan, split
-    from training.fit import FitConfig, train_pixels
+    from training.fit import train_pixels
+    from training.fit_config import FitConfig
     from training.model import build_classifier
     from training.progress import Reporter
+    from training.scan import scan
+    from training.split import split
 
     with tempfile.TemporaryDirectory() as work:
         dataset = scan(data, Path(work))

@@ -10,9 +10,11 @@ import tensorflow as tf
 from PIL import Image
 from training_images import make_dataset, shape_image
 
-from training import data
 from training.evaluate import classification_metrics
+from training.pipeline import class_weights, image_dataset
 from training.preprocess import decode_and_resize, decode_rgb
+from training.scan import DataError, Dataset, Sample, scan
+from training.split import split
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +25,7 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_scan_finds_sorted_classes_and_every_format(shapes: Path, tmp_path: Path) -> None:
-    dataset = data.scan(shapes, tmp_path)
+    dataset = scan(shapes, tmp_path)
     assert dataset.classes == ["circle", "square", "triangle"]
     assert dataset.counts() == [10, 6, 4]
     assert {s.path.suffix for s in dataset.samples} == {".jpeg", ".png", ".bmp", ".gif"}
@@ -33,11 +35,11 @@ def test_scan_finds_sorted_classes_and_every_format(shapes: Path, tmp_path: Path
 
 def test_fingerprint_is_stable_and_tracks_content(tmp_path: Path) -> None:
     root = make_dataset(tmp_path / "d", per_class=3)
-    first = data.scan(root, tmp_path / "w").fingerprint
-    assert data.scan(root, tmp_path / "w").fingerprint == first
+    first = scan(root, tmp_path / "w").fingerprint
+    assert scan(root, tmp_path / "w").fingerprint == first
     target = root / "circle" / "000.jpeg"
     shape_image("circle", np.random.default_rng(99)).save(target, format="JPEG")
-    assert data.scan(root, tmp_path / "w").fingerprint != first
+    assert scan(root, tmp_path / "w").fingerprint != first
 
 
 def _write_corrupt_files(folder: Path) -> None:
@@ -53,7 +55,7 @@ def test_corrupt_and_unsupported_files_are_reported_not_raised(tmp_path: Path) -
     root = make_dataset(tmp_path / "d", per_class=4)
     _write_corrupt_files(root / "circle")
     (root / "square" / ".DS_Store").write_bytes(b"\x00\x01")  # hidden: ignored entirely
-    dataset = data.scan(root, tmp_path / "w")
+    dataset = scan(root, tmp_path / "w")
     assert dataset.counts() == [4, 4, 4]
     rejected = sorted(r.path.name for r in dataset.rejected)
     assert rejected == ["empty.png", "fake.png", "notes.txt", "truncated.jpg"]
@@ -87,8 +89,8 @@ def test_untrainable_folders_raise_a_clear_error(tmp_path: Path, layout: str, me
             _write_corrupt_files(root / name)
     elif layout == "tiny_class":
         make_dataset(root, per_class={"circle": 3, "square": 1})
-    with pytest.raises(data.DataError, match=message):
-        data.scan(root, tmp_path / "w")
+    with pytest.raises(DataError, match=message):
+        scan(root, tmp_path / "w")
 
 
 def test_exif_rotated_jpeg_is_trained_upright_like_serving(tmp_path: Path) -> None:
@@ -97,31 +99,31 @@ def test_exif_rotated_jpeg_is_trained_upright_like_serving(tmp_path: Path) -> No
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 clockwise to display"
     image.save(root / "circle" / "phone.jpg", format="JPEG", exif=exif)
-    dataset = data.scan(root, tmp_path / "w")
+    dataset = scan(root, tmp_path / "w")
     phone = next(s for s in dataset.samples if s.path.name == "phone.jpg")
     assert phone.source is not None and phone.source.parent == tmp_path / "w"
     assert decode_rgb(phone.path.read_bytes()).shape == (20, 40, 3)  # as stored
     assert decode_rgb(phone.decode_path.read_bytes()).shape == (40, 20, 3)  # as displayed
 
 
-def _dataset(per_class: dict[str, int]) -> data.Dataset:
+def _dataset(per_class: dict[str, int]) -> Dataset:
     samples = [
-        data.Sample(Path(f"/d/{name}/{i}.png"), label)
+        Sample(Path(f"/d/{name}/{i}.png"), label)
         for label, (name, count) in enumerate(per_class.items())
         for i in range(count)
     ]
-    return data.Dataset(Path("/d"), list(per_class), samples)
+    return Dataset(Path("/d"), list(per_class), samples)
 
 
 def test_split_is_stratified_disjoint_and_complete() -> None:
     dataset = _dataset({"a": 100, "b": 50, "c": 20, "d": 2})
-    parts = data.split(dataset, seed=3)
+    parts = split(dataset, seed=3)
     everything = parts.train + parts.val + parts.test
     assert sorted(map(str, (s.path for s in everything))) == sorted(
         str(s.path) for s in dataset.samples
     )
 
-    def count(samples: list[data.Sample], label: int) -> int:
+    def count(samples: list[Sample], label: int) -> int:
         return sum(s.label == label for s in samples)
 
     assert [count(parts.test, c) for c in range(4)] == [10, 5, 2, 1]
@@ -131,25 +133,25 @@ def test_split_is_stratified_disjoint_and_complete() -> None:
 
 def test_split_is_deterministic_per_seed() -> None:
     dataset = _dataset({"a": 30, "b": 30})
-    first, again = data.split(dataset, seed=7), data.split(dataset, seed=7)
-    other = data.split(dataset, seed=8)
+    first, again = split(dataset, seed=7), split(dataset, seed=7)
+    other = split(dataset, seed=8)
     assert first.test == again.test and first.train == again.train
     assert first.test != other.test
 
 
 def test_max_per_class_caps_training_but_keeps_the_test_set() -> None:
     dataset = _dataset({"a": 100, "b": 40})
-    full, few = data.split(dataset, seed=1), data.split(dataset, seed=1, max_per_class=10)
+    full, few = split(dataset, seed=1), split(dataset, seed=1, max_per_class=10)
     assert few.test == full.test
     assert [sum(s.label == c for s in few.train) for c in range(2)] == [10, 10]
     assert [sum(s.label == c for s in few.val) for c in range(2)] == [2, 2]
-    with pytest.raises(data.DataError, match="at least 1"):
-        data.split(dataset, max_per_class=0)
+    with pytest.raises(DataError, match="at least 1"):
+        split(dataset, max_per_class=0)
 
 
 def test_split_manifest_round_trips(shapes: Path, tmp_path: Path) -> None:
-    dataset = data.scan(shapes, tmp_path)
-    parts = data.split(dataset, seed=5)
+    dataset = scan(shapes, tmp_path)
+    parts = split(dataset, seed=5)
     manifest = json.loads(parts.write(dataset, tmp_path / "r" / "split.json").read_text())
     assert manifest["classes"] == dataset.classes and manifest["seed"] == 5
     assert manifest["fingerprint"] == dataset.fingerprint
@@ -160,14 +162,14 @@ def test_split_manifest_round_trips(shapes: Path, tmp_path: Path) -> None:
 
 
 def test_class_weights_are_balanced() -> None:
-    samples = [data.Sample(Path("x"), 0)] * 30 + [data.Sample(Path("y"), 1)] * 10
-    assert data.class_weights(samples, 2) == pytest.approx({0: 40 / 60, 1: 2.0})
+    samples = [Sample(Path("x"), 0)] * 30 + [Sample(Path("y"), 1)] * 10
+    assert class_weights(samples, 2) == pytest.approx({0: 40 / 60, 1: 2.0})
 
 
 def test_pipeline_pixels_are_the_serving_functions_pixels(shapes: Path, tmp_path: Path) -> None:
-    dataset = data.scan(shapes, tmp_path)
+    dataset = scan(shapes, tmp_path)
     samples = dataset.samples[:5]
-    ds = data.image_dataset(samples, 32, batch_size=4, num_classes=3)
+    ds = image_dataset(samples, 32, batch_size=4, num_classes=3)
     pixels = np.concatenate([x.numpy() for x, _ in ds])
     labels = np.concatenate([y.numpy() for _, y in ds])
     expected = np.stack(

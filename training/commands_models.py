@@ -4,11 +4,10 @@ TensorFlow is imported only by the commands that run a model (predict, init-defa
 publish and push start instantly and work on machines that only move files.
 """
 
-import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any
 
 import typer
 
@@ -16,11 +15,11 @@ from service.errors import GraftError, InvalidImage
 from service.image_check import check_image
 from service.push.archive import pack_export
 from service.settings import GraftSettings
+from service.store.layout import SERVING_SIGNATURE
 from service.store.manifest import verify_dir
 from service.store.repository import ModelRepository, read_export, validate_name
+from training.cli_errors import fail, one_line_errors
 from training.default_model import DEFAULT_MODEL, create_default_model
-
-_Command = TypeVar("_Command", bound=Callable[..., Any])
 
 ModelRoot = Annotated[
     Path,
@@ -38,27 +37,7 @@ def register(app: typer.Typer) -> None:
     app.command("init-default")(init_default)
 
 
-def _one_line_errors(command: _Command) -> _Command:
-    """Turn the failures a user can cause into one `error:` line and exit status 1."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except GraftError as exc:
-            _fail(exc.message)
-        except (OSError, ValueError) as exc:
-            _fail(str(exc))
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _fail(message: str) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
-
-
-@_one_line_errors
+@one_line_errors(OSError, ValueError)
 def publish(
     export_dir: Annotated[Path, typer.Argument(help="Folder written by `graft train`.")],
     name: Name,
@@ -68,7 +47,7 @@ def publish(
     typer.echo(ModelRepository(model_root).publish(export_dir, name))
 
 
-@_one_line_errors
+@one_line_errors(OSError, ValueError)
 def push(
     export_dir: Annotated[Path, typer.Argument(help="Folder written by `graft train`.")],
     name: Name,
@@ -103,9 +82,9 @@ def push(
     try:
         response = httpx.post(endpoint, content=archive, headers=headers, timeout=timeout_s)
     except httpx.HTTPError as exc:
-        _fail(f"cannot reach {endpoint}: {exc or type(exc).__name__}; is `graft serve` running?")
+        fail(f"cannot reach {endpoint}: {exc or type(exc).__name__}; is `graft serve` running?")
     if response.status_code != 201:
-        _fail(f"the service refused the push ({response.status_code}): {_server_message(response)}")
+        fail(f"the service refused the push ({response.status_code}): {_server_message(response)}")
     typer.echo(response.json()["version"])
 
 
@@ -124,7 +103,7 @@ def _server_message(response: Any) -> str:
         return response.text.strip()[:300] or response.reason_phrase
 
 
-@_one_line_errors
+@one_line_errors(OSError, ValueError)
 def predict(
     images: Annotated[list[Path], typer.Argument(help="JPEG / PNG / BMP / GIF files.")],
     name: Name = DEFAULT_MODEL,
@@ -144,7 +123,7 @@ def predict(
     manifest = repository.verify(name, version)
     missing = [str(path) for path in images if not path.is_file()]
     if missing:
-        _fail(f"no such file: {', '.join(missing)}")
+        fail(f"no such file: {', '.join(missing)}")
     serving_default = _load_signature(repository.version_dir(name, version))
     max_pixels = GraftSettings().max_image_pixels
     failures = 0
@@ -165,7 +144,7 @@ def predict(
 def _load_signature(version_dir: Path) -> Callable[[bytes], Any]:
     import tensorflow as tf
 
-    signature = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+    signature = tf.saved_model.load(str(version_dir)).signatures[SERVING_SIGNATURE]
 
     def classify(encoded: bytes) -> Any:
         try:
@@ -177,12 +156,13 @@ def _load_signature(version_dir: Path) -> Callable[[bytes], Any]:
 
 
 def _result(image: str, probabilities: Any, labels: list[str], top_k: int) -> dict[str, Any]:
-    ranked = sorted(range(len(labels)), key=lambda i: -float(probabilities[i]))[:top_k]
-    top = [{"label": labels[i], "score": float(probabilities[i])} for i in ranked]
-    return {"image": image, "label": top[0]["label"], "score": top[0]["score"], "top_k": top}
+    """The JSON line of one image: its path, then serving's own top-1 and top-k answer."""
+    from service.gateway.results import image_result
+
+    return {"image": image, **image_result(probabilities, labels, top_k).model_dump()}
 
 
-@_one_line_errors
+@one_line_errors(OSError, ValueError)
 def init_default(model_root: ModelRoot = Path("models")) -> None:
     """Install the offline ImageNet classifier as model `imagenet` version 1.
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,30 +18,22 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-if TYPE_CHECKING:
-    from training.data import Dataset
-    from training.progress import Reporter
+from training.cli_errors import one_line_errors
+from training.defaults import DEFAULT_BACKBONE
 
-DEFAULT_BACKBONE = "efficientnet_lite0"
+if TYPE_CHECKING:
+    from training.backbones import BackboneSpec
+    from training.fit import FitResult
+    from training.model import Classifier
+    from training.progress import Reporter
+    from training.scan import Dataset
+    from training.split import Split
+
 DEFAULT_IMAGE_SIZE = 224
 DEFAULT_EPOCHS = 15
 DEFAULT_FINE_TUNE_EPOCHS = 5
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_HIDDEN_UNITS = 256
-
-
-@contextmanager
-def _one_line_errors() -> Iterator[None]:
-    """Turn the errors a user can fix into `error: ...` + exit 1."""
-    from service.errors import GraftError
-    from training.data import DataError
-
-    try:
-        yield
-    except (DataError, GraftError, FileNotFoundError, ValueError) as error:
-        message = getattr(error, "message", None) or str(error)
-        typer.echo(f"error: {message}", err=True)
-        raise typer.Exit(1) from None
 
 
 def _default_report_dir(name: str, what: str) -> Path:
@@ -51,7 +42,7 @@ def _default_report_dir(name: str, what: str) -> Path:
 
 
 def _scan(data_dir: Path, work_dir: Path, reporter: Reporter, *, for_training: bool) -> Dataset:
-    from training.data import scan
+    from training.scan import scan
 
     with reporter.task("scan", transient=True) as task:
         dataset = scan(
@@ -90,14 +81,8 @@ class TrainOptions:
 
 def run_train(options: TrainOptions) -> dict:
     """Scan -> split -> fit -> evaluate -> export -> publish; returns the result object."""
-    from service.store.repository import ModelRepository, validate_name
-    from training.augment import AugmentConfig, build_augmenter
+    from service.store.repository import validate_name
     from training.backbones import get_backbone
-    from training.data import split
-    from training.evaluate import classification_metrics, predict_keras
-    from training.export import export_model
-    from training.fit import FitConfig, fit
-    from training.model import build_classifier
     from training.progress import Reporter
     from training.report import print_summary, write_report
 
@@ -109,44 +94,17 @@ def run_train(options: TrainOptions) -> dict:
     timings: dict[str, object] = {}
     with tempfile.TemporaryDirectory(prefix="graft-train-") as tmp:
         t = time.perf_counter()
-        dataset = _scan(options.data_dir, Path(tmp) / "reencoded", reporter, for_training=True)
-        parts = split(dataset, seed=options.seed, max_per_class=options.max_per_class)
-        parts.write(dataset, report_dir / "split.json")
+        dataset, parts = _scan_and_split(options, Path(tmp) / "reencoded", report_dir, reporter)
         timings["scan"] = time.perf_counter() - t
         reporter.info(
             f"{len(dataset.classes)} classes, {len(dataset.samples)} images: "
             f"train {len(parts.train)}, val {len(parts.val)}, test {len(parts.test)}"
         )
-        image_size = options.image_size or DEFAULT_IMAGE_SIZE
-        weights = None if options.weights.lower() == "none" else options.weights
-        classifier = build_classifier(
-            spec.build(weights=weights, image_size=image_size),
-            len(dataset.classes),
-            image_size=image_size,
-            backbone=spec.name,
-            hidden_units=options.hidden_units,
-            seed=options.seed,
-        )
-        config = FitConfig(
-            epochs=options.epochs,
-            fine_tune_epochs=options.fine_tune_epochs,
-            fine_tune_layers=options.fine_tune_layers
-            if options.fine_tune_layers is not None
-            else spec.fine_tune_layers,
-            batch_size=options.batch_size,
-            cache_features=options.cache,
-            views=options.views,
-            seed=options.seed,
-            checkpoint_dir=report_dir / "checkpoints",
-        )
-        augment = build_augmenter(AugmentConfig(), options.seed) if options.augment else None
-        result = fit(classifier, parts.train, parts.val, config, augment, reporter)
+        classifier, result = _fit(options, spec, dataset, parts, report_dir, reporter)
         timings["phase1"] = result.phase1.to_json()
         timings["phase2"] = result.phase2.to_json() if result.phase2 else None
         t = time.perf_counter()
-        probabilities = predict_keras(classifier, parts.test, options.batch_size, reporter)
-        y_true = [s.label for s in parts.test]
-        metrics = classification_metrics(y_true, probabilities, dataset.classes)
+        metrics = _test_metrics(classifier, parts, dataset.classes, options.batch_size, reporter)
         timings["evaluate"] = time.perf_counter() - t
         histories = {"phase 1": result.phase1.history}
         if result.phase2:
@@ -154,32 +112,14 @@ def run_train(options: TrainOptions) -> dict:
         files = write_report(report_dir, metrics, histories)
         print_summary(reporter.console, metrics, f"test split ({options.name})")
         t = time.perf_counter()
-        summary = {
-            "accuracy": metrics["accuracy"],
-            "macro_f1": metrics["macro_f1"],
-            "top_k_accuracy": metrics["top_k_accuracy"],
-            "test_images": metrics["count"],
-            "train_images": len(parts.train),
-            "split_seed": options.seed,
-            "max_per_class": options.max_per_class,
-        }
-        export_dir = export_model(
-            classifier.model,
-            Path(tmp) / "export",
-            labels=dataset.classes,
-            image_size=image_size,
-            backbone=spec.name,
-            metrics=summary,
-            dataset_fingerprint=dataset.fingerprint,
-        )
-        repository = ModelRepository(options.model_root)
-        version = repository.publish(export_dir, options.name)
+        summary = _summary(options, metrics, len(parts.train))
+        version, version_dir = _publish(options, classifier, dataset, summary, Path(tmp))
         timings["export"] = time.perf_counter() - t
     (report_dir / "timings.json").write_text(json.dumps(timings, indent=2))
     return {
         "name": options.name,
         "version": version,
-        "path": str(repository.version_dir(options.name, version)),
+        "path": str(version_dir),
         "metrics": summary,
         "seconds": round(time.perf_counter() - started, 3),
         "report_dir": str(report_dir),
@@ -187,6 +127,103 @@ def run_train(options: TrainOptions) -> dict:
         "dataset_fingerprint": dataset.fingerprint,
         "timings": timings,
     }
+
+
+def _scan_and_split(
+    options: TrainOptions, work_dir: Path, report_dir: Path, reporter: Reporter
+) -> tuple[Dataset, Split]:
+    """The training folder scanned and split; the split is written to the report folder."""
+    from training.split import split
+
+    dataset = _scan(options.data_dir, work_dir, reporter, for_training=True)
+    parts = split(dataset, seed=options.seed, max_per_class=options.max_per_class)
+    parts.write(dataset, report_dir / "split.json")
+    return dataset, parts
+
+
+def _fit(
+    options: TrainOptions,
+    spec: BackboneSpec,
+    dataset: Dataset,
+    parts: Split,
+    report_dir: Path,
+    reporter: Reporter,
+) -> tuple[Classifier, FitResult]:
+    """Build the classifier on the pretrained backbone and train it in two phases."""
+    from training.augment import AugmentConfig, build_augmenter
+    from training.fit import fit
+    from training.fit_config import FitConfig
+    from training.model import build_classifier
+
+    image_size = options.image_size or DEFAULT_IMAGE_SIZE
+    weights = None if options.weights.lower() == "none" else options.weights
+    classifier = build_classifier(
+        spec.build(weights=weights, image_size=image_size),
+        len(dataset.classes),
+        image_size=image_size,
+        backbone=spec.name,
+        hidden_units=options.hidden_units,
+        seed=options.seed,
+    )
+    config = FitConfig(
+        epochs=options.epochs,
+        fine_tune_epochs=options.fine_tune_epochs,
+        fine_tune_layers=options.fine_tune_layers
+        if options.fine_tune_layers is not None
+        else spec.fine_tune_layers,
+        batch_size=options.batch_size,
+        cache_features=options.cache,
+        views=options.views,
+        seed=options.seed,
+        checkpoint_dir=report_dir / "checkpoints",
+    )
+    augment = build_augmenter(AugmentConfig(), options.seed) if options.augment else None
+    return classifier, fit(classifier, parts.train, parts.val, config, augment, reporter)
+
+
+def _test_metrics(
+    classifier: Classifier, parts: Split, classes: list[str], batch_size: int, reporter: Reporter
+) -> dict:
+    """The trained model's metrics on the test split, through the training input pipeline."""
+    from training.evaluate import classification_metrics, predict_keras
+
+    probabilities = predict_keras(classifier, parts.test, batch_size, reporter)
+    y_true = [s.label for s in parts.test]
+    return classification_metrics(y_true, probabilities, classes)
+
+
+def _summary(options: TrainOptions, metrics: dict, train_images: int) -> dict:
+    """The metrics the export's manifest carries (and the command prints)."""
+    return {
+        "accuracy": metrics["accuracy"],
+        "macro_f1": metrics["macro_f1"],
+        "top_k_accuracy": metrics["top_k_accuracy"],
+        "test_images": metrics["count"],
+        "train_images": train_images,
+        "split_seed": options.seed,
+        "max_per_class": options.max_per_class,
+    }
+
+
+def _publish(
+    options: TrainOptions, classifier: Classifier, dataset: Dataset, summary: dict, tmp: Path
+) -> tuple[int, Path]:
+    """Export the classifier into `tmp` and publish it as the next version of the name."""
+    from service.store.repository import ModelRepository
+    from training.export import export_model
+
+    export_dir = export_model(
+        classifier.model,
+        tmp / "export",
+        labels=dataset.classes,
+        image_size=classifier.image_size,
+        backbone=classifier.backbone,
+        metrics=summary,
+        dataset_fingerprint=dataset.fingerprint,
+    )
+    repository = ModelRepository(options.model_root)
+    version = repository.publish(export_dir, options.name)
+    return version, repository.version_dir(options.name, version)
 
 
 def train(
@@ -235,7 +272,7 @@ def train(
         fine_tune_layers, batch_size, max_per_class, seed, report_dir, not no_augment,
         not no_cache, views, weights, quiet, hidden_units,
     )  # fmt: skip
-    with _one_line_errors():
+    with one_line_errors(FileNotFoundError, ValueError):  # DataError is a ValueError
         _check_positive(epochs=epochs, batch_size=batch_size, views=views)
         if hidden_units < 0:
             raise ValueError(f"--hidden-units must be 0 or more, got {hidden_units}")
@@ -261,11 +298,12 @@ def run_evaluate(
     """Evaluate a published version on every readable image of a class-folder tree."""
     import numpy as np
 
+    from service.store.layout import LABELS_FILE, MANIFEST_FILE
     from service.store.repository import ModelRepository
-    from training.data import DataError
     from training.evaluate import classification_metrics, predict_saved_model
     from training.progress import Reporter
     from training.report import print_summary, write_report
+    from training.scan import DataError
 
     reporter = Reporter(quiet)
     repository = ModelRepository(model_root)
@@ -284,7 +322,7 @@ def run_evaluate(
             version_dir, dataset.samples, batch_size, reporter
         )
     if model_labels != labels:
-        raise DataError(f"{version_dir}: assets/labels.txt disagrees with graft.json's labels")
+        raise DataError(f"{version_dir}: {LABELS_FILE} disagrees with {MANIFEST_FILE}'s labels")
     y_true = np.array([labels.index(dataset.classes[s.label]) for s in dataset.samples])
     metrics = classification_metrics(y_true, probabilities, labels)
     report_dir = report_dir or _default_report_dir(name, f"v{resolved}-evaluate")
@@ -307,7 +345,7 @@ def evaluate(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress or tables")] = False,
 ) -> None:
     """Evaluate a published model version on every image of DATA_DIR's class folders."""
-    with _one_line_errors():
+    with one_line_errors(FileNotFoundError, ValueError):  # DataError is a ValueError
         _check_positive(batch_size=batch_size)
         result = run_evaluate(data_dir, name, model_root, version, report_dir, batch_size, quiet)
     typer.echo(json.dumps(result))

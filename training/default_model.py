@@ -4,13 +4,14 @@ import tempfile
 from pathlib import Path
 
 from service.store.repository import ModelRepository
+from training.defaults import DEFAULT_BACKBONE
 
 DEFAULT_MODEL = "imagenet"
 
 
 def create_default_model(repository: ModelRepository) -> int:
     """Export EfficientNet-Lite0 with its ImageNet head and publish it as `imagenet`."""
-    from training.backbones import DEFAULT_BACKBONE, efficientnet_lite0, imagenet_labels
+    from training.backbones import efficientnet_lite0, imagenet_labels
     from training.export import export_model
 
     model = efficientnet_lite0(include_top=True, weights="imagenet")

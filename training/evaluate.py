@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from training.data import Sample
+from service.store.layout import LABELS_FILE, SERVING_SIGNATURE
 from training.progress import Reporter
+from training.scan import Sample
 
 if TYPE_CHECKING:
     from training.model import Classifier
@@ -86,7 +87,7 @@ def predict_keras(
     """Probabilities from the trained Keras model, through the training input pipeline."""
     import tensorflow as tf
 
-    from training.data import image_dataset
+    from training.pipeline import image_dataset
 
     model = classifier.model
     forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
@@ -112,8 +113,8 @@ def predict_saved_model(
     import tensorflow as tf
 
     loaded = tf.saved_model.load(str(version_dir))
-    serve = loaded.signatures["serving_default"]
-    labels = (version_dir / "assets" / "labels.txt").read_text().splitlines()
+    serve = loaded.signatures[SERVING_SIGNATURE]
+    labels = (version_dir / LABELS_FILE).read_text().splitlines()
     out = []
     with reporter.task("evaluate", -(-len(samples) // batch_size)) as task:
         for start in range(0, len(samples), batch_size):

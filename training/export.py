@@ -19,7 +19,8 @@ import numpy as np
 import tensorflow as tf
 
 from service import __version__
-from service.store.manifest import LABELS_FILE, SIGNATURES, Manifest, hash_tree
+from service.store.layout import LABELS_FILE, PIXELS_SIGNATURE, SERVING_SIGNATURE, SIGNATURES
+from service.store.manifest import Manifest, hash_tree
 from training.preprocess import decode_batch, resize_pixels
 
 
@@ -91,12 +92,12 @@ def _write_saved_model(model: keras.Model, path: Path, labels: list[str], image_
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(
-        "serving_default",
+        SERVING_SIGNATURE,
         serve_images,
         input_signature=[tf.TensorSpec([None], tf.string, name="images")],
     )
     archive.add_endpoint(
-        "serve_pixels",
+        PIXELS_SIGNATURE,
         serve_pixels,
         input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="pixels")],
     )

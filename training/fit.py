@@ -4,51 +4,35 @@ Phase 1 trains the head on a frozen backbone; phase 2 unfreezes the top N layers
 backbone (BatchNorm stays frozen), recompiles at a low learning rate and fine-tunes, starting
 from the phase-1 head.
 
-The frozen part's output for an image never changes (BatchNorm runs in inference mode), so by
-default it is computed ONCE per augmented view: the activation entering the top N layers is
-cached, phase 1 trains the head on pool(top(cached)) and phase 2 trains top + head on the
-cached activations. Every epoch does the same maths as on pixels, without paying the frozen
-layers' forward pass again. When the cut cannot be cached (several tensors cross it, or it
-would not fit ACTIVATION_CACHE_BYTES), phase 1 still caches pooled features and phase 2
-runs on pixels.
+By default both phases train on the feature cache (`training.feature_cache`): the activation
+entering the top N layers is computed once per augmented view, phase 1 trains the head on
+pool(top(cached)) and phase 2 trains top + head on the cached activations. When the cut cannot
+be cached (several tensors cross it, or it would not fit), phase 1 still caches pooled
+features and phase 2 runs on pixels.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from training.data import Sample, class_weights, image_dataset
-from training.model import Classifier, cut_base, unfreeze_top
+from training.feature_cache import (
+    Cached,
+    activation_cut,
+    cached_train_dataset,
+    cached_val_dataset,
+    extract,
+    map_cached,
+)
+from training.fit_config import FitConfig
+from training.model import Classifier, unfreeze_top
+from training.pipeline import class_weights, image_dataset
 from training.progress import Reporter
-
-ACTIVATION_CACHE_BYTES = 2 * 1024**3
-
-
-@dataclass
-class FitConfig:
-    epochs: int = 15
-    fine_tune_epochs: int = 3
-    fine_tune_layers: int = 20
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    fine_tune_learning_rate: float = 1e-4
-    patience: int = 3
-    class_weighting: bool = True
-    cache_features: bool = True
-    views: int = 2  # cached views per training image: the image itself + (views-1) augmented
-    # Cached epochs over several views are at least this many steps: a few-shot set of 40
-    # images is 2 batches, and 15 epochs of 2 steps would leave the head untrained.
-    min_cached_steps: int = 20
-    seed: int = 0
-    checkpoint_dir: Path | None = None
+from training.scan import Sample
 
 
 @dataclass
@@ -147,107 +131,6 @@ def _compile(model: keras.Model, learning_rate: float) -> None:
     )
 
 
-@dataclass
-class Cached:
-    """Outputs of a frozen model, computed once: train [views, n, ...] and val [n, ...]."""
-
-    train: np.ndarray
-    train_labels: np.ndarray
-    val: np.ndarray | None
-    val_labels: np.ndarray | None
-    seconds: float = 0.0
-
-
-def _run(
-    forward: Callable, dataset: tf.data.Dataset, reporter: Reporter, description: str, steps: int
-) -> tuple[np.ndarray, np.ndarray]:
-    outputs, labels = [], []
-    with reporter.task(description, steps) as task:
-        for x, y in dataset:
-            outputs.append(forward(x).numpy())
-            labels.append(y.numpy())
-            task.advance()
-    return np.concatenate(outputs), np.concatenate(labels)
-
-
-def extract(
-    frozen: keras.Model,
-    classifier: Classifier,
-    train: Sequence[Sample],
-    val: Sequence[Sample],
-    config: FitConfig,
-    augment: Callable | None,
-    reporter: Reporter,
-) -> Cached:
-    """One pass of `frozen` (inference mode) per view of the training images, and one over
-    the validation images. View 1 is the images themselves; views 2.. are augmented."""
-    start = time.perf_counter()
-    forward = tf.function(lambda x: frozen(x, training=False), reduce_retracing=True)
-    views = config.views if augment is not None else 1
-    size, classes = classifier.image_size, classifier.head.output_shape[-1]
-    per_view = []
-    for view in range(views):
-        ds = image_dataset(
-            train,
-            size,
-            batch_size=config.batch_size,
-            num_classes=classes,
-            augment=augment if view > 0 else None,
-        )
-        label = f"cache {view + 1}/{views}" if views > 1 else "cache"
-        per_view.append(_run(forward, ds, reporter, label, _steps(len(train), config.batch_size)))
-    val_x = val_y = None
-    if val:
-        ds = image_dataset(val, size, batch_size=config.batch_size, num_classes=classes)
-        steps = _steps(len(val), config.batch_size)
-        val_x, val_y = _run(forward, ds, reporter, "cache (val)", steps)
-    train_x = np.stack([x for x, _ in per_view])
-    return Cached(train_x, per_view[0][1], val_x, val_y, time.perf_counter() - start)
-
-
-def _map_cached(cached: Cached, fn: Callable, batch_size: int) -> Cached:
-    """Apply a cheap model (top + pool) to cached activations, batch by batch."""
-    forward = tf.function(lambda x: fn(x, training=False), reduce_retracing=True)
-
-    def apply(array: np.ndarray) -> np.ndarray:
-        parts = [
-            forward(array[i : i + batch_size]).numpy() for i in range(0, len(array), batch_size)
-        ]
-        return np.concatenate(parts)
-
-    train = np.stack([apply(view) for view in cached.train])
-    val = apply(cached.val) if cached.val is not None else None
-    return Cached(train, cached.train_labels, val, cached.val_labels, cached.seconds)
-
-
-def _steps(n: int, batch_size: int) -> int:
-    return max(1, math.ceil(n / batch_size))
-
-
-def _cached_train_dataset(cached: Cached, config: FitConfig) -> tuple:
-    """One view: the same shuffled finite epochs as the pixel path. Several views: a pool of
-    views*n, reshuffled and repeated, cut into epochs of n examples (at least
-    `min_cached_steps` batches), so an epoch sees as many (augmented) examples as an uncached
-    epoch does."""
-    views, n = cached.train.shape[:2]
-    labels = cached.train_labels
-    if views == 1:
-        ds = tf.data.Dataset.from_tensor_slices((cached.train[0], labels))
-        ds = ds.shuffle(n, seed=config.seed, reshuffle_each_iteration=True).batch(config.batch_size)
-        return ds.prefetch(tf.data.AUTOTUNE), None
-    pool = (cached.train.reshape(views * n, *cached.train.shape[2:]), np.tile(labels, (views, 1)))
-    ds = tf.data.Dataset.from_tensor_slices(pool)
-    ds = ds.shuffle(views * n, seed=config.seed, reshuffle_each_iteration=True).repeat()
-    steps = max(_steps(n, config.batch_size), config.min_cached_steps)
-    return ds.batch(config.batch_size).prefetch(tf.data.AUTOTUNE), steps
-
-
-def _cached_val_dataset(cached: Cached, batch_size: int) -> tf.data.Dataset | None:
-    if cached.val is None:
-        return None
-    return tf.data.Dataset.from_tensor_slices((cached.val, cached.val_labels)).batch(batch_size)
-
-
 def _fit(
     model: keras.Model,
     train: tf.data.Dataset,
@@ -325,12 +208,12 @@ def train_cached(
 ) -> PhaseResult:
     """Fit `model` (whose input is what `cached` holds) on the cached arrays."""
     started = time.perf_counter()
-    train_ds, steps = _cached_train_dataset(cached, config)
+    train_ds, steps = cached_train_dataset(cached, config)
     checkpoint = "phase1_head.keras" if phase == 1 else "phase2_top.keras"
     return _run_phase(
         model,
         train_ds,
-        _cached_val_dataset(cached, config.batch_size),
+        cached_val_dataset(cached, config.batch_size),
         phase=_Phase(f"phase {phase} (cached)", checkpoint, epochs, learning_rate),
         steps=steps,
         train=train,
@@ -395,35 +278,18 @@ def train_pixels(
     )
 
 
-def _activation_cache(
-    classifier: Classifier, config: FitConfig, n_train: int, n_val: int, augment: Callable | None
-) -> tuple[keras.Model, keras.Model] | None:
-    """(trunk, top) when phase 2 can train on cached activations, else None."""
-    if not config.cache_features or config.fine_tune_epochs <= 0:
-        return None
-    parts = cut_base(classifier.base, config.fine_tune_layers)
-    if parts is None:
-        return None
-    views = config.views if augment is not None else 1
-    per_image = int(np.prod(parts[0].output.shape[1:])) * 4
-    return parts if per_image * (views * n_train + n_val) <= ACTIVATION_CACHE_BYTES else None
+def _schedule(config: FitConfig, phase: int) -> tuple[int, float]:
+    """(epochs, learning rate) of phase 1 or 2."""
+    if phase == 1:
+        return config.epochs, config.learning_rate
+    return config.fine_tune_epochs, config.fine_tune_learning_rate
 
 
-def _pixels_model_phase(
-    classifier: Classifier,
-    train: Sequence[Sample],
-    val: Sequence[Sample],
-    config: FitConfig,
-    augment: Callable | None,
-    reporter: Reporter,
-    phase: int,
-) -> PhaseResult:
-    epochs = config.epochs if phase == 1 else config.fine_tune_epochs
-    rate = config.learning_rate if phase == 1 else config.fine_tune_learning_rate
-    return train_pixels(
-        classifier, train, val, config, augment, reporter, phase=phase, epochs=epochs,
-        learning_rate=rate,
-    )  # fmt: skip
+def _cached_top(classifier: Classifier, top: keras.Model, activations: Cached) -> keras.Model:
+    """Cached activations -> probabilities, through the backbone's top layers and the head."""
+    inputs = keras.Input(activations.train.shape[2:])
+    tail = classifier.head(classifier.pool(top(inputs, training=False)))
+    return keras.Model(inputs, tail, name="graft_top")
 
 
 def fit(
@@ -437,34 +303,38 @@ def fit(
     """Phase 1 (frozen backbone, head only) then phase 2 (top layers unfrozen, low LR)."""
     keras.utils.set_random_seed(config.seed)
     classifier.base.trainable = False
-    split = _activation_cache(classifier, config, len(train), len(val), augment)
+    cut = activation_cut(classifier, config, len(train), len(val), augment)
     activations = None
-    if split is not None:
-        trunk, top = split
-        activations = extract(trunk, classifier, train, val, config, augment, reporter)
-        pooled = keras.Sequential([top, classifier.pool])
-        features = _map_cached(activations, pooled, config.batch_size)
+    if cut is not None:
+        activations = extract(cut[0], classifier, train, val, config, augment, reporter)
+        pooled = keras.Sequential([cut[1], classifier.pool])
+        features = map_cached(activations, pooled, config.batch_size)
     elif config.cache_features:
         features = extract(classifier.features, classifier, train, val, config, augment, reporter)
+    epochs, rate = _schedule(config, 1)
     if config.cache_features:
         phase1 = train_cached(
-            classifier.head, features, train, config, reporter, phase=1, epochs=config.epochs,
-            learning_rate=config.learning_rate,
+            classifier.head, features, train, config, reporter, phase=1, epochs=epochs,
+            learning_rate=rate,
         )  # fmt: skip
         phase1.extract_seconds = features.seconds
     else:
-        phase1 = _pixels_model_phase(classifier, train, val, config, augment, reporter, 1)
+        phase1 = train_pixels(
+            classifier, train, val, config, augment, reporter, phase=1, epochs=epochs,
+            learning_rate=rate,
+        )  # fmt: skip
     if config.fine_tune_epochs <= 0 or unfreeze_top(classifier.base, config.fine_tune_layers) == 0:
         classifier.base.trainable = False
         return FitResult(phase1, None)
-    if split is None or activations is None:
-        return FitResult(
-            phase1, _pixels_model_phase(classifier, train, val, config, augment, reporter, 2)
-        )
-    inputs = keras.Input(activations.train.shape[2:])
-    tail = classifier.head(classifier.pool(split[1](inputs, training=False)))
-    phase2 = train_cached(
-        keras.Model(inputs, tail, name="graft_top"), activations, train, config, reporter,
-        phase=2, epochs=config.fine_tune_epochs, learning_rate=config.fine_tune_learning_rate,
-    )  # fmt: skip
+    epochs, rate = _schedule(config, 2)
+    if cut is None or activations is None:
+        phase2 = train_pixels(
+            classifier, train, val, config, augment, reporter, phase=2, epochs=epochs,
+            learning_rate=rate,
+        )  # fmt: skip
+    else:
+        phase2 = train_cached(
+            _cached_top(classifier, cut[1], activations), activations, train, config, reporter,
+            phase=2, epochs=epochs, learning_rate=rate,
+        )  # fmt: skip
     return FitResult(phase1, phase2)

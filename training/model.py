@@ -7,11 +7,9 @@ phase 1 trains on cached features). Training `head` therefore trains `model`'s h
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import keras
-import tensorflow as tf
 
 
 @dataclass
@@ -23,19 +21,6 @@ class Classifier:
     pool: keras.layers.Layer  # feature map -> [n, D]
     image_size: int
     backbone: str
-    _forward: Callable | None = field(default=None, repr=False)
-
-    def predict_features(self, pixels: tf.Tensor) -> tf.Tensor:
-        """Pooled features in inference mode, traced once and reused for every pass."""
-        if self._forward is None:
-            self._forward = tf.function(
-                lambda x: self.features(x, training=False), reduce_retracing=True
-            )
-        return self._forward(pixels)
-
-    def predict(self, pixels: tf.Tensor) -> tf.Tensor:
-        """Probabilities in inference mode (dropout off)."""
-        return self.model(pixels, training=False)
 
 
 def build_classifier(

@@ -10,14 +10,15 @@ python - "$root" <<'PY'
 import sys
 from pathlib import Path
 
-from service.repository import ModelRepository
+from service.store.repository import ModelRepository
 
 root = Path(sys.argv[1])
-if not ModelRepository(root).models():
+repository = ModelRepository(root)
+if not repository.models():
     print(f"graft: {root} holds no model: installing the ImageNet default", flush=True)
-    from training.commands_models import init_default
+    from training.default_model import create_default_model
 
-    init_default(model_root=root)
+    print(f"installed model 'imagenet' version {create_default_model(repository)}", flush=True)
 PY
 cd "$BENTO_PATH"
 exec "$BENTO_PATH/env/docker/entrypoint.sh" "$@"

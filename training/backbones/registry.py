@@ -14,7 +14,7 @@ from pathlib import Path
 import keras
 
 from training.backbones.layers import CaffePreprocess
-from training.backbones.lite0 import efficientnet_lite0
+from training.backbones.lite0_pretrained import efficientnet_lite0
 
 Weights = str | Path | None
 Builder = Callable[[Weights, int], keras.Model]
@@ -120,7 +120,6 @@ BACKBONES: dict[str, BackboneSpec] = {
         ),
     )
 }
-DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
 def get_backbone(name: str) -> BackboneSpec:

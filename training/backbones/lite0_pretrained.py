@@ -1,11 +1,13 @@
-"""`efficientnet_lite0(...)`: the public builder, in the shape of keras.applications."""
+"""`efficientnet_lite0(...)`: the public builder, in the shape of keras.applications: the
+architecture (`lite0_architecture`) with its ImageNet weights (converted by `lite0_conversion`)
+or a weights file loaded, and the top optionally cut off."""
 
 from pathlib import Path
 
 import keras
 
-from training.backbones.efficientnet_lite import build_efficientnet_lite0
-from training.backbones.lite0_weights import load_converted_checkpoint, packaged_checkpoint
+from training.backbones.lite0_architecture import build_efficientnet_lite0
+from training.backbones.lite0_conversion import load_converted_checkpoint, packaged_checkpoint
 
 _POOLING = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}
 

@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import platformdirs
 
-from training.backbones.efficientnet_lite import blocks
+from training.backbones.lite0_architecture import blocks
 from training.backbones.torch_checkpoint import CheckpointError, load_state_dict
 
 log = logging.getLogger(__name__)
