@@ -5,7 +5,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-MiB = 1024 * 1024
+from service.units import MiB
 
 
 class GraftSettings(BaseSettings):

@@ -19,7 +19,8 @@ from service.push.checks import check_contents
 from service.push.receive import receive_push
 from service.runtime.model_check import check_model, refuse_denied_ops
 from service.settings import GraftSettings
-from service.store.manifest import MANIFEST_FILE, Manifest, hash_tree
+from service.store.layout import MANIFEST_FILE
+from service.store.manifest import Manifest, hash_tree
 from service.store.repository import ModelRepository
 
 LIMITS = PushLimits()
