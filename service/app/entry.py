@@ -15,7 +15,8 @@ import bentoml
 
 from service.app.drain import draining
 from service.app.inference_client import InferenceClient
-from service.app.inference_service import ENTRY_TIMEOUT_S, SETTINGS, Inference
+from service.app.inference_service import Inference
+from service.app.process import ENTRY_TIMEOUT_S, SETTINGS
 from service.gateway import Gateway
 from service.protocol.http.guard import RequestGuard
 from service.protocol.http.routes import build_app

@@ -3,8 +3,7 @@
 One worker process: the models live there once, and TensorFlow already uses every core. Its
 `infer` API hands items to graft's adaptive batcher (service.runtime.batcher), which merges the
 images of concurrent requests, from every protocol, into batches of SavedModel calls, several
-running at once. Settings are read once per process from GRAFT_* variables (`graft serve`
-exports them).
+running at once.
 """
 
 from functools import partial
@@ -12,17 +11,11 @@ from pathlib import Path
 
 import bentoml
 
+from service.app.process import INFERENCE_TIMEOUT_S, SETTINGS
 from service.app.replies import InferReply, MetadataReply, Reply, StatusReply
-from service.app.timeouts import traffic_timeouts_s
 from service.errors import GraftError, RejectedModel
-from service.protocol.http import timeout
-from service.settings import GraftSettings
 from service.store.repository import ModelRepository
 from service.wire import InferItem
-
-SETTINGS = GraftSettings()
-INFERENCE_TIMEOUT_S, ENTRY_TIMEOUT_S = traffic_timeouts_s(SETTINGS)
-timeout.install()  # before BentoML builds the apps of graft's services
 
 
 @bentoml.service(
