@@ -1,4 +1,5 @@
-"""graft's serving side: model repository, runtime, BentoML and gRPC services, metrics."""
+"""graft's serving side, in rooms by job: protocol -> gateway -> wire -> app -> runtime -> store
+(docs/architecture.md)."""
 
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _dist_version

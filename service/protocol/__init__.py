@@ -1,0 +1,1 @@
+"""The front ends: `http` (routes, bodies, OpenAPI, guard) and `grpc` (servicers, server)."""

@@ -1,0 +1,1 @@
+"""Accepting a model upload: safe archive extraction, checks, publish; no TensorFlow."""

@@ -1,0 +1,1 @@
+"""The inference side, all TensorFlow: loaded models, version manager, batcher, model check."""

@@ -1,0 +1,1 @@
+"""graft's gRPC server: graft.v1, tensorflow.serving, health and reflection."""
