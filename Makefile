@@ -13,6 +13,7 @@ setup:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	PYTHON=$(PYTHON) bash tests/setup_tritonclient.sh  # the V2 client tests' own venv (tritonclient)
 
 lint:
 	$(BIN)/ruff check .

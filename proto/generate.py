@@ -16,6 +16,11 @@ and every path written is printed, one per line:
   another file name. Their generated `tensorflow...` / `tensorflow_serving...` imports (and the
   module names passed to the protobuf builder) are then rewritten to `service.stubs.tensorflow...`
   so that importing them never imports TensorFlow.
+- KServe's Open Inference Protocol (proto/thirdparty/kserve/grpc_predict_v2.proto, package
+  `inference`) is compiled with its own folder as the include root, so it is registered as
+  `grpc_predict_v2.proto`, the name KServe's Python package registers it under, and lands in
+  `service/stubs/kserve/`; the generated `import grpc_predict_v2_pb2` (and the builder's module
+  name) are rewritten to `service.stubs.kserve.grpc_predict_v2_pb2`.
 
 `_pb2.py` and `_pb2.pyi` are written for every proto, `_pb2_grpc.py` for those that define a
 service, and an `__init__.py` for every package folder. tests/test_grpc_stubs.py runs this into a
@@ -42,6 +47,9 @@ WELL_KNOWN_PROTOS = resources.files("grpc_tools") / "_proto"
 GRAFT_PROTOS = ("graft/v1/classifier.proto",)
 # The third-party top-level packages that are re-rooted under service.stubs.
 THIRDPARTY_PACKAGES = ("tensorflow", "tensorflow_serving")
+# KServe's protos: compiled from their own folder (registered without the folder name).
+KSERVE_ROOT = THIRDPARTY_ROOT / "kserve"
+KSERVE_STUBS = "kserve"  # under service/stubs
 
 STUB_PACKAGE_DOC = (
     '"""Generated gRPC/protobuf code shared by the gRPC server and the Python client.\n'
@@ -105,6 +113,40 @@ def rewrite_imports(source: str) -> str:
     return _BUILDER_MODULE.sub(rf"\g<1>{prefix}.\2.", source)
 
 
+def rewrite_toplevel(source: str, modules: list[str], package: str) -> str:
+    """Re-root generated references to the top-level modules `modules` under `package`."""
+    for module in modules:
+        source = re.sub(
+            rf"^([ \t]*)import {module} as ",
+            rf"\1from {package} import {module} as ",
+            source,
+            flags=re.MULTILINE,
+        )
+        source = source.replace(
+            f"BuildTopDescriptorsAndMessages(DESCRIPTOR, '{module}'",
+            f"BuildTopDescriptorsAndMessages(DESCRIPTOR, '{package}.{module}'",
+        )
+    return source
+
+
+def _kserve(stub_root: Path) -> list[Path]:
+    """KServe's protos: registered under their own names, imports re-rooted under the stubs."""
+    protos = sorted(KSERVE_ROOT.rglob("*.proto"))
+    out = stub_root / KSERVE_STUBS
+    out.mkdir(parents=True, exist_ok=True)
+    _compile(str(KSERVE_ROOT), out, protos)
+    relative = [proto.relative_to(KSERVE_ROOT).as_posix() for proto in protos]
+    modules = [name.removesuffix(".proto").replace("/", ".") + "_pb2" for name in relative]
+    package = f"{STUB_PACKAGE.replace('/', '.')}.{KSERVE_STUBS}"
+    files = []
+    for proto, name in zip(protos, relative, strict=True):
+        for generated in _generated(name, grpc=_has_service(proto)):
+            path = out / generated
+            path.write_text(rewrite_toplevel(path.read_text(), modules, package))
+            files.append(path)
+    return files
+
+
 def _write_packages(out_root: Path, files: list[Path]) -> list[Path]:
     """Write an `__init__.py` into `service/stubs/` and every folder under it that holds code."""
     stub_root = out_root / STUB_PACKAGE
@@ -140,7 +182,9 @@ def generate(out_root: Path = REPO_ROOT) -> list[Path]:
             files.append(stub_root / name)
 
     # Third-party protos: original file names, then their imports re-rooted under service.stubs.
-    thirdparty = sorted(THIRDPARTY_ROOT.rglob("*.proto"))
+    thirdparty = sorted(
+        proto for proto in THIRDPARTY_ROOT.rglob("*.proto") if KSERVE_ROOT not in proto.parents
+    )
     _compile(str(THIRDPARTY_ROOT), stub_root, thirdparty)
     for proto in thirdparty:
         relative = proto.relative_to(THIRDPARTY_ROOT).as_posix()
@@ -149,6 +193,7 @@ def generate(out_root: Path = REPO_ROOT) -> list[Path]:
             path.write_text(rewrite_imports(path.read_text()))
             files.append(path)
 
+    files += _kserve(stub_root)
     return _write_packages(out_root, files) + files
 
 

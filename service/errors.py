@@ -58,6 +58,13 @@ class RejectedModel(GraftError):
     grpc_status = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class ReadOnlyRepository(GraftError):
+    """The served folder cannot take a new version or a pin (one version's files, mounted)."""
+
+    code, http_status = "read_only_repository", 409
+    grpc_status = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class InsufficientStorage(GraftError):
     """The disk under the model repository (or the push scratch space) is full: nothing was
     published, and the next push works once space is freed."""

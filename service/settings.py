@@ -15,6 +15,11 @@ class GraftSettings(BaseSettings):
 
     model_root: Path = Field(Path("models"), description="Model repository (TF Serving layout).")
     default_model: str = Field("imagenet", description="Model used when a request names none.")
+    model_name: str | None = Field(
+        None,
+        description="Single-model mode (KServe): model_root is ONE model's folder (its version "
+        "folders, or one version's files), served under this name, which is the default model.",
+    )
     host: str = "127.0.0.1"
     port: int = Field(3000, ge=1, le=65535)
     grpc_port: int = Field(50051, ge=0, le=65535, description="0 turns the gRPC server off.")
@@ -58,6 +63,19 @@ class GraftSettings(BaseSettings):
         description="On SIGTERM, how long /readyz answers 503 before the server stops "
         "(so load balancers stop routing first); in-flight requests then finish.",
     )
+
+    @model_validator(mode="after")
+    def _single_model_is_the_default(self) -> "GraftSettings":
+        if self.model_name is None:
+            return self
+        if "default_model" in self.model_fields_set and self.default_model != self.model_name:
+            raise ValueError(
+                f"GRAFT_DEFAULT_MODEL ({self.default_model}) is not GRAFT_MODEL_NAME "
+                f"({self.model_name}): in single-model mode the one model is the default; "
+                "unset GRAFT_DEFAULT_MODEL (--default-model)"
+            )
+        self.default_model = self.model_name
+        return self
 
     @model_validator(mode="after")
     def _requests_fit_the_queue(self) -> "GraftSettings":

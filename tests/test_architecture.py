@@ -33,8 +33,13 @@ BREAKAGES = {
     ),
     "HTTP imports gRPC": (
         "service/protocol/http/routes.py",
-        "import service.protocol.grpc.status",
+        "import service.protocol.grpc.classifier",
         "HTTP and gRPC front ends are independent",
+    ),
+    "the V2 room imports HTTP": (
+        "service/protocol/v2/tensors.py",
+        "import service.protocol.http.bodies",
+        "HTTP and gRPC mount the Open Inference Protocol (v2), which imports neither",
     ),
     "the gateway imports TensorFlow": (
         "service/gateway/results.py",

@@ -16,13 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import typer
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
+from support.cli import parse_graft
 
 import service.errors
 import service.metrics
-from graft_cli import app
 from service.settings import GraftSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -495,19 +494,6 @@ def test_prod_service_monitor_scrapes_the_metrics_port(rendered: dict[str, list[
 # -- the commands in the manifests are real `graft` commands -----------------------------------
 
 
-def _parse_graft(argv: list[str]) -> dict[str, Any]:
-    """Parse a container command with the real `graft` CLI (nothing runs) -> its parameters."""
-    assert argv[0] == "graft", f"{argv} does not run graft"
-    group = typer.main.get_command(app)
-    context = group.make_context("graft", list(argv[1:]))
-    command = group.get_command(context, argv[1])
-    assert command is not None, f"`graft {argv[1]}` is not a graft command"
-    try:
-        return command.make_context(f"graft {argv[1]}", list(argv[2:]), parent=context).params
-    except Exception as exc:  # typer vendors click: its UsageError is not public API
-        pytest.fail(f"`{' '.join(argv)}` does not parse: {exc}")
-
-
 def _under(path: str, mount: str) -> bool:
     return Path(path) == Path(mount) or Path(mount) in Path(path).parents
 
@@ -530,11 +516,11 @@ def test_config_map_holds_only_real_settings_with_valid_values(
 def test_serving_and_bootstrap_commands_parse(rendered: dict[str, list[Doc]], overlay: str) -> None:
     docs = rendered[overlay]
     config, pod = _config(docs), _pod(_one(docs, "Deployment", "graft"))
-    serve = _parse_graft(pod["containers"][0]["command"])
+    serve = parse_graft(pod["containers"][0]["command"])
     # Unset flags fall back to the ConfigMap's GRAFT_* variables, checked above.
     assert all(value is None for value in serve.values()), serve
     init = pod["initContainers"][0]
-    params = _parse_graft(init["command"])
+    params = parse_graft(init["command"])
     assert params["model_root"] == Path(config["GRAFT_MODEL_ROOT"])
     assert config["GRAFT_MODEL_ROOT"] in _mounts(pod, init)
 
@@ -549,7 +535,7 @@ def test_retrain_job_trains_from_the_data_volume_into_the_model_volume(
     assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
     pod = _pod(cronjob)
     container = pod["containers"][0]
-    params = _parse_graft(container["command"])
+    params = parse_graft(container["command"])
     assert container["command"][1] == "train"
 
     mounts = _mounts(pod, container)

@@ -197,3 +197,40 @@ def test_tf_serving_stubs_coexist_with_tensorflow(ours_first: bool) -> None:
     assert found["same_classes"]
     assert found["theirs_read_ours"] == ["m", [[1.0, 2.0]]]
     assert found["ours_read_theirs"] == ["n", [3]]
+
+
+def test_kserve_stubs_register_under_kserves_own_file_name() -> None:
+    # KServe's Python package registers grpc_predict_v2.proto under this name with the same
+    # descriptor, so both can share a process (tritonclient's copy cannot: another file name).
+    found = _python(
+        """
+        import json, sys
+        from service.stubs.kserve import grpc_predict_v2_pb2 as pb
+        from service.stubs.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
+
+        service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+        print(json.dumps({
+            "file": pb.DESCRIPTOR.name,
+            "service": service.full_name,
+            "methods": sorted(m.name for m in service.methods),
+            "module": pb.ModelInferRequest.__module__,
+            "stub": hasattr(pb_grpc, "GRPCInferenceServiceStub"),
+            "raw_input_contents": pb.ModelInferRequest.DESCRIPTOR.fields_by_name[
+                "raw_input_contents"
+            ].number,
+            "tensorflow": "tensorflow" in sys.modules,
+        }))
+        """
+    )
+    assert found == {
+        "file": "grpc_predict_v2.proto",
+        "service": "inference.GRPCInferenceService",
+        "methods": [
+            "ModelInfer", "ModelMetadata", "ModelReady", "RepositoryModelLoad",
+            "RepositoryModelUnload", "ServerLive", "ServerMetadata", "ServerReady",
+        ],
+        "module": "service.stubs.kserve.grpc_predict_v2_pb2",
+        "stub": True,
+        "raw_input_contents": 7,
+        "tensorflow": False,
+    }  # fmt: skip

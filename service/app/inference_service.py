@@ -14,7 +14,7 @@ import bentoml
 from service.app.process import INFERENCE_TIMEOUT_S, SETTINGS
 from service.app.replies import InferReply, MetadataReply, Reply, StatusReply
 from service.errors import GraftError, RejectedModel
-from service.store.repository import ModelRepository
+from service.store.single_model import open_repository
 from service.wire import InferItem
 
 
@@ -33,7 +33,7 @@ class Inference:
         from service.runtime.batcher import Batcher
         from service.runtime.versions import VersionManager
 
-        repository = ModelRepository(SETTINGS.model_root)
+        repository = open_repository(SETTINGS.model_root, SETTINGS.model_name)
         self.manager = VersionManager(repository, SETTINGS.poll_interval_s)
         self.manager.start()
         self.batcher = Batcher(

@@ -6,13 +6,15 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from pydantic import SecretStr, ValidationError
 
+from service.errors import GraftError
 from service.settings import GraftSettings
 from service.store.repository import ModelRepository
+from service.store.single_model import open_repository
 
 DefaultInstaller = Callable[[ModelRepository], int]
 
@@ -37,8 +39,17 @@ def register(app: typer.Typer, install_default: DefaultInstaller) -> None:
         workers: Annotated[
             int | None, typer.Option(help="HTTP worker processes. [GRAFT_WORKERS]")
         ] = None,
+        model_name: Annotated[
+            str | None,
+            typer.Option(
+                help="Single-model mode (KServe): --model-root is one model's folder (ROOT/1/, "
+                "ROOT/2/, ... or one version's files), served as this name. [GRAFT_MODEL_NAME]"
+            ),
+        ] = None,
     ) -> None:
         """Serve the models under --model-root; an empty repository gets the ImageNet default.
+
+        With --model-name, serve one model's folder under that name (KServe's /mnt/models).
 
         Every other setting comes from GRAFT_* environment variables (see the README), e.g.
         GRAFT_ADMIN_TOKEN turns the management API on.
@@ -50,6 +61,7 @@ def register(app: typer.Typer, install_default: DefaultInstaller) -> None:
             "grpc_port": grpc_port,
             "default_model": default_model,
             "workers": workers,
+            "model_name": model_name,
         }
         start({k: v for k, v in flags.items() if v is not None}, install_default)
 
@@ -63,7 +75,10 @@ def start(flags: dict[str, Any], install_default: DefaultInstaller) -> None:
     except ValidationError as exc:
         raise typer.BadParameter(str(exc)) from None
     settings.model_root = settings.model_root.resolve()
-    _ensure_a_model(settings, install_default)
+    if settings.model_name is None:
+        _ensure_a_model(settings, install_default)
+    else:
+        _check_single_model(settings)
     _export(settings)
     _serve(settings)
 
@@ -82,6 +97,34 @@ def _ensure_a_model(settings: GraftSettings, install_default: DefaultInstaller) 
     typer.echo(f"{settings.model_root} holds no model: installing the ImageNet default first")
     version = install_default(repository)
     typer.echo(f"installed model 'imagenet' version {version}")
+
+
+def _check_single_model(settings: GraftSettings) -> None:
+    """Single-model mode serves what was mounted, installs nothing: refuse, in one line, a
+    folder it could not serve."""
+    root, name = settings.model_root, settings.model_name
+    try:
+        if open_repository(root, name).models():
+            return
+        found = ModelRepository(root).models()
+    except GraftError as exc:
+        _refuse(exc.message)
+    hint = (
+        f"; it is a repository of the models {', '.join(found)}: point --model-root (KServe: "
+        f"the storageUri) at one of them, e.g. {root / found[0]}"
+        if found
+        else ""
+    )
+    _refuse(
+        f"{root} holds no version of model {name!r}: single-model mode expects version folders "
+        f"there ({root}/1/saved_model.pb + graft.json, ...) or one version's files "
+        f"(saved_model.pb + graft.json){hint}"
+    )
+
+
+def _refuse(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
 
 
 def _export(settings: GraftSettings) -> None:

@@ -75,6 +75,14 @@ class Gateway:
                 self._status = {}  # not ready (gRPC health too) until it answers again
             await asyncio.sleep(interval_s)
 
+    @property
+    def settings(self) -> GraftSettings:
+        return self._settings
+
+    def model_status(self, name: str) -> ModelStatus | None:
+        """`name`'s state as of the last status poll; None if the repository had no such model."""
+        return self._status.get(name)
+
     def ready(self, model: str | None = None) -> bool:
         if self._draining():  # `graft serve` is stopping: load balancers must route elsewhere
             return False
@@ -153,18 +161,22 @@ class Gateway:
         meta = await self.metadata(name, served)
         return Prediction(name, served, meta.labels, np.stack([r.array() for r in results]))
 
-    def _validated(self, images: list[bytes]) -> list[bytes]:
-        if not images:
+    def check_image_count(self, count: int) -> None:
+        """Refuse a request of `count` images (none, or over the limit) before per-image work."""
+        if count < 1:
             raise BadRequest("no images in the request; send at least one")
         limit = self._settings.max_images_per_request
-        if len(images) > limit:
+        if count > limit:
             # GraftSettings keeps the limit within GRAFT_MAX_QUEUE, so this also refuses, with a
             # 400 rather than an endless 503, every request the queue could never hold.
             raise BadRequest(
-                f"{len(images)} images in one request; the limit is {limit}: split it into "
+                f"{count} images in one request; the limit is {limit}: split it into "
                 f"requests of at most {limit} images, or raise GRAFT_MAX_IMAGES_PER_REQUEST "
                 "(and GRAFT_MAX_QUEUE with it) on the server"
             )
+
+    def _validated(self, images: list[bytes]) -> list[bytes]:
+        self.check_image_count(len(images))
         pixels = self._settings.max_image_pixels
         return [check_image(data, max_pixels=pixels, index=i).data for i, data in enumerate(images)]
 

@@ -12,7 +12,8 @@ from service.gateway.backend_calls import call_backend
 from service.push.archive import PushLimits
 from service.push.receive import receive_push
 from service.settings import GraftSettings
-from service.store.repository import ModelRepository, validate_name
+from service.store.repository import validate_name
+from service.store.single_model import open_repository
 from service.wire import InferenceBackend
 
 T = TypeVar("T")
@@ -22,7 +23,7 @@ class Management:
     def __init__(self, backend: InferenceBackend, settings: GraftSettings) -> None:
         self._backend = backend
         self._settings = settings
-        self._repository = ModelRepository(settings.model_root)
+        self._repository = open_repository(settings.model_root, settings.model_name)
 
     def authorize(self, authorization: str | None) -> None:
         """Check `Authorization: Bearer <token>` for the management API (constant time)."""

@@ -7,6 +7,10 @@ from contextlib import contextmanager
 from service import metrics
 from service.errors import GraftError
 
+# Protocols whose outcomes are gRPC status names (OK, INVALID_ARGUMENT); the others' are HTTP
+# status codes. "v2-grpc" is the Open Inference Protocol over gRPC ("v2" is its REST side).
+GRPC_PROTOCOLS = frozenset({"grpc", "v2-grpc"})
+
 
 @contextmanager
 def observe(
@@ -16,7 +20,7 @@ def observe(
     caller sets `outcome["version"]` once it knows the version that answered."""
     outcome = {"version": "" if version is None else str(version)}
     started = time.perf_counter()
-    code = "200" if protocol != "grpc" else "OK"
+    code = "OK" if protocol in GRPC_PROTOCOLS else "200"
     try:
         yield outcome
     except GraftError as exc:
@@ -24,7 +28,7 @@ def observe(
         metrics.REQUESTS_REJECTED.labels(exc.code).inc()
         raise
     except BaseException:
-        code = "500" if protocol != "grpc" else "INTERNAL"
+        code = "INTERNAL" if protocol in GRPC_PROTOCOLS else "500"
         raise
     finally:
         metrics.REQUEST_DURATION.labels(protocol, route, model, outcome["version"], code).observe(
@@ -40,4 +44,4 @@ def rejected(protocol: str, route: str, exc: GraftError) -> None:
 
 
 def _status_code(protocol: str, exc: GraftError) -> str:
-    return exc.grpc_status.name if protocol == "grpc" else str(exc.http_status)
+    return exc.grpc_status.name if protocol in GRPC_PROTOCOLS else str(exc.http_status)

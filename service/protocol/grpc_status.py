@@ -1,4 +1,5 @@
-"""What every graft gRPC servicer shares: GraftError -> status mapping and client deadlines."""
+"""What every graft gRPC servicer shares (graft.v1, TF Serving, the Open Inference Protocol's
+in service/protocol/v2): GraftError -> status mapping and client deadlines."""
 
 import logging
 import time
@@ -57,10 +58,10 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
 
 
 @contextmanager
-def rejecting(route: str) -> Iterator[None]:
+def rejecting(route: str, protocol: str = PROTOCOL) -> Iterator[None]:
     """Count a GraftError raised while parsing a request, before the Gateway saw it."""
     try:
         yield
     except GraftError as err:
-        rejected(PROTOCOL, route, err)
+        rejected(protocol, route, err)
         raise

@@ -23,13 +23,12 @@ InferenceService name); the version number and every file hash are still checked
 from pathlib import Path
 from typing import NoReturn
 
-from service.errors import BadRequest, ModelNotFound
+from service.errors import BadRequest, ModelNotFound, ReadOnlyRepository
 from service.store.durable import fsync_dir
 from service.store.layout import MANIFEST_FILE, SAVED_MODEL_FILE
 from service.store.manifest import Manifest, verify_dir
 from service.store.repository import (
     ModelRepository,
-    RepositoryError,
     validate_name,
     validate_version,
 )
@@ -109,8 +108,8 @@ class SingleVersionRepository(SingleModelRepository):
     def set_pin(self, name: str, version: int | None) -> NoReturn:
         raise self._read_only()
 
-    def _read_only(self) -> RepositoryError:
-        return RepositoryError(
+    def _read_only(self) -> ReadOnlyRepository:
+        return ReadOnlyRepository(
             f"{self.root} holds a single version's files, which graft serves read-only; to "
             f"publish or pin, lay it out as {self.root}/<version>/ folders instead"
         )

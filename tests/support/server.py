@@ -48,7 +48,7 @@ def free_port() -> int:
 def running_server(
     model_root: Path,
     *,
-    default_model: str = "imagenet",
+    default_model: str | None = "imagenet",
     grpc: bool = False,
     workers: int = 1,
     env: dict[str, str] | None = None,
@@ -57,7 +57,8 @@ def running_server(
     """Start `graft serve`, wait until /readyz is 200, yield its addresses, then stop it.
 
     `env` adds GRAFT_* settings (e.g. {"GRAFT_ADMIN_TOKEN": "s3cret"}); everything else
-    comes from the flags. Raises RuntimeError with the server's log if it never gets ready.
+    comes from the flags (`default_model=None` passes no --default-model). Raises RuntimeError
+    with the server's log if it never gets ready.
     """
     port, grpc_port = free_port(), free_port() if grpc else 0
     command = [
@@ -67,7 +68,7 @@ def running_server(
         "--host", "127.0.0.1",
         "--port", str(port),
         "--grpc-port", str(grpc_port),
-        "--default-model", default_model,
+        *(["--default-model", default_model] if default_model is not None else []),
         "--workers", str(workers),
     ]  # fmt: skip
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("GRAFT_")}

@@ -1,1 +1,1 @@
-"""graft's gRPC server: graft.v1, tensorflow.serving, health and reflection."""
+"""graft's gRPC server: graft.v1, tensorflow.serving, inference (V2), health and reflection."""

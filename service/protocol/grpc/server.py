@@ -3,7 +3,8 @@
 BentoML's new service API has no gRPC, so a grpcio asyncio server shares the entry service's
 event loop and Gateway: gRPC requests go through the same validation, version manager and
 adaptive batches as HTTP ones. It serves graft.v1.ImageClassifier,
-tensorflow.serving.PredictionService, grpc.health.v1.Health and server reflection.
+tensorflow.serving.PredictionService, inference.GRPCInferenceService (the Open Inference
+Protocol, service/protocol/v2), grpc.health.v1.Health and server reflection.
 """
 
 import logging
@@ -17,8 +18,11 @@ from service.gateway import Gateway
 from service.protocol.grpc.classifier import ImageClassifierServicer
 from service.protocol.grpc.health import GatewayHealthServicer
 from service.protocol.grpc.tfserving import PredictionServicer
+from service.protocol.v2.grpc_servicer import SERVICE as V2_SERVICE
+from service.protocol.v2.grpc_servicer import InferenceServicer
 from service.settings import GraftSettings
 from service.stubs.graft.v1 import classifier_pb2, classifier_pb2_grpc
+from service.stubs.kserve import grpc_predict_v2_pb2_grpc
 from service.stubs.tensorflow_serving.apis import (
     prediction_service_pb2,
     prediction_service_pb2_grpc,
@@ -32,7 +36,7 @@ CLASSIFIER_SERVICE = classifier_pb2.DESCRIPTOR.services_by_name["ImageClassifier
 PREDICTION_SERVICE = prediction_service_pb2.DESCRIPTOR.services_by_name[
     "PredictionService"
 ].full_name
-MODEL_SERVICES = (CLASSIFIER_SERVICE, PREDICTION_SERVICE)
+MODEL_SERVICES = (CLASSIFIER_SERVICE, PREDICTION_SERVICE, V2_SERVICE)
 DEFAULT_GRACE_S = 5.0
 
 
@@ -68,6 +72,9 @@ async def start_grpc_server(gateway: Gateway, settings: GraftSettings) -> grpc.a
     )
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
         PredictionServicer(gateway), server
+    )
+    grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceServicer(gateway), server
     )
     health_pb2_grpc.add_HealthServicer_to_server(
         GatewayHealthServicer(gateway, MODEL_SERVICES), server

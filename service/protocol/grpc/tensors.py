@@ -3,14 +3,13 @@
 No TensorFlow: the messages come from graft's own stubs of TF Serving's protos.
 """
 
-import io
 from collections.abc import Sequence
 
 import numpy as np
 from google.protobuf import json_format
-from PIL import Image
 
 from service.errors import BadRequest
+from service.gateway.pixels import pixel_images as pngs
 from service.stubs.tensorflow.core.example import example_pb2
 from service.stubs.tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from service.stubs.tensorflow_serving.apis import classification_pb2, get_model_metadata_pb2
@@ -49,13 +48,7 @@ def pixel_images(tensor: tensor_pb2.TensorProto) -> list[bytes]:
         flat = np.asarray(tensor.int_val, dtype=np.uint8)
     if flat.size != int(np.prod(shape)):
         raise BadRequest(f"input `pixels` has shape {shape} but {flat.size} values")
-    return [_png(image) for image in flat.reshape(shape)]
-
-
-def _png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
+    return pngs(flat.reshape(shape))
 
 
 def float_tensor(values: np.ndarray) -> tensor_pb2.TensorProto:

@@ -16,7 +16,6 @@ from google.protobuf import wrappers_pb2
 from service.errors import BadRequest
 from service.gateway import Gateway, Prediction
 from service.gateway.request_metrics import observe
-from service.protocol.grpc.status import PROTOCOL, deadline_of, guarded, rejecting
 from service.protocol.grpc.tensors import (
     encoded_images,
     examples,
@@ -25,6 +24,7 @@ from service.protocol.grpc.tensors import (
     signature_def_map,
     string_tensor,
 )
+from service.protocol.grpc_status import PROTOCOL, deadline_of, guarded, rejecting
 from service.store.layout import OUTPUTS, SERVING_SIGNATURE, SIGNATURE_INPUTS
 from service.stubs.tensorflow.core.framework import tensor_pb2
 from service.stubs.tensorflow_serving.apis import (

@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from service import __version__
+from service.protocol.v2.openapi import v2_paths
 from service.schemas import ClassifyResponse, ErrorBody
 from service.wire import ModelStatus
 
@@ -25,7 +26,7 @@ def openapi_document() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "graft", "version": __version__},
-        "paths": _paths(),
+        "paths": {**_paths(), **v2_paths()},  # + the Open Inference Protocol (protocol/v2)
         "components": {
             "schemas": schemas,
             "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}},

@@ -21,6 +21,7 @@ from service.gateway import Gateway
 from service.gateway.request_metrics import observe, rejected
 from service.protocol.http.bodies import PinBody, classify_input, json_body, tf_instances
 from service.protocol.http.openapi import openapi_document
+from service.protocol.v2.rest import v2_routes
 from service.schemas import ErrorBody
 from service.store.repository import validate_name
 from service.units import MiB
@@ -60,6 +61,7 @@ def build_app(get_gateway: GatewayGetter) -> Starlette:
         Route("/models/{name}/policy", api.set_policy, methods=["PUT"]),
         Route("/models/{name}/versions", api.push, methods=["POST"]),
         Route("/openapi.json", api.openapi, methods=["GET"]),
+        *v2_routes(get_gateway),  # the Open Inference Protocol (service/protocol/v2)
     ]
     return Starlette(routes=routes)
 

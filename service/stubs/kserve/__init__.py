@@ -1,0 +1,1 @@
+"""Generated package `service.stubs.kserve`: `make proto`; never edit."""
