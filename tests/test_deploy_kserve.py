@@ -231,7 +231,7 @@ def test_the_runtime_starts_graft_serve_in_single_model_mode_on_kserves_ports(
         **{k.removeprefix("GRAFT_").lower(): v for k, v in graft_env.items()}, **flags
     )
     assert settings.default_model == service["metadata"]["name"]
-    assert settings.admin_token is None, "single-model mode runs without the management API"
+    assert settings.admin_token is None, "KServe pods take new versions from the volume only"
     probes = {kind: container[f"{kind}Probe"]["httpGet"] for kind in ("startup", "liveness")}
     probes["readiness"] = container["readinessProbe"]["httpGet"]
     assert {kind: (p["path"], p["port"]) for kind, p in probes.items()} == {

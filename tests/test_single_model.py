@@ -188,7 +188,6 @@ def test_serve_points_a_whole_repository_at_the_model_folder(repository, export_
     [
         (["--model-name", "Apple!"], {}, 1, "invalid model name 'Apple!'"),
         (["--model-name", "apple", "--default-model", "pear"], {}, 2, "GRAFT_DEFAULT_MODEL"),
-        (["--model-name", "apple"], {"GRAFT_ADMIN_TOKEN": "s3cret"}, 1, "unset GRAFT_ADMIN_TOKEN"),
     ],
 )
 def test_serve_refuses_settings_single_model_mode_cannot_honour(
