@@ -14,6 +14,7 @@ setup:
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	PYTHON=$(PYTHON) bash tests/setup_tritonclient.sh  # the V2 client tests' own venv (tritonclient)
+	PYTHON=$(PYTHON) bash tests/setup_kserve.sh  # and KServe's own client's (kserve)
 
 lint:
 	$(BIN)/ruff check .

@@ -8,10 +8,6 @@ tests/.venv-tritonclient, which `make setup` builds; support/triton_calls.py mak
 
 import base64
 import concurrent.futures
-import io
-import json
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,114 +15,54 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from skimage import data as photos_data
-from support.server import (
-    RunningServer,
-    paused_inference,
-    running_server,
-    wait_for_images_in_flight,
-)
+from support.server import RunningServer, paused_inference, wait_for_images_in_flight
 from support.trained import COLOURS
+from support.v2_clients import (
+    MODEL,
+    assert_matches_classify,
+    classify,
+    client_python,
+    encode,
+    output_data,
+    run_client_calls,
+    tinted,
+)
 
 from service.stubs.kserve import grpc_predict_v2_pb2 as pb
 from service.stubs.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
-MODEL = "colours"
-TESTS = Path(__file__).resolve().parent
-TRITON_PYTHON = TESTS / ".venv-tritonclient" / "bin" / "python"
-TRITON_CALLS = TESTS / "support" / "triton_calls.py"
-SIZE = 48  # small images keep the suite fast
-TOLERANCE = 1e-6
-
-
-def _tinted(colour: str) -> np.ndarray:
-    pixels = np.asarray(Image.fromarray(photos_data.astronaut()).resize((SIZE, SIZE)), np.float32)
-    for channel in range(3):
-        if channel != COLOURS.index(colour):
-            pixels[..., channel] *= 0.25
-    return pixels.astype(np.uint8)
-
-
-def _encode(pixels: np.ndarray, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, fmt)
-    return buffer.getvalue()
-
 
 # red as JPEG, green as PNG, blue as BMP; green and blue are lossless, so their pixels are
 # exactly what the `pixels` input is sent.
 PHOTOS = {
-    "red.jpg": _encode(_tinted("red"), "JPEG"),
-    "green.png": _encode(_tinted("green"), "PNG"),
-    "blue.bmp": _encode(_tinted("blue"), "BMP"),
+    "red.jpg": encode(tinted("red"), "JPEG"),
+    "green.png": encode(tinted("green"), "PNG"),
+    "blue.bmp": encode(tinted("blue"), "BMP"),
 }
-PIXELS = np.stack([_tinted("green"), _tinted("blue")])
+PIXELS = np.stack([tinted("green"), tinted("blue")])
 PIXEL_PHOTOS = ("green.png", "blue.bmp")
 
 
 @pytest.fixture(scope="module")
-def server(colour_model_root: Path) -> Iterator[RunningServer]:
-    # A batch thread waits up to 100 ms for more images: the shared-batch test relies on it.
-    env = {"GRAFT_BATCH_TIMEOUT_MS": "100", "GRAFT_BATCH_THREADS": "1"}
-    with running_server(colour_model_root, default_model=MODEL, grpc=True, env=env) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
 def triton_python() -> Path:
-    """The tritonclient venv's python; a missing venv fails the tests (CI runs make setup)."""
-    if not TRITON_PYTHON.exists():
-        pytest.fail(
-            f"{TRITON_PYTHON.relative_to(TESTS.parent)} is missing: `make setup` builds it "
-            "(tests/setup_tritonclient.sh), the venv these tests run tritonclient from"
-        )
-    return TRITON_PYTHON
+    """Checked before the server starts: a missing venv fails at once."""
+    return client_python(".venv-tritonclient", "setup_tritonclient.sh", "tritonclient")
 
 
 @pytest.fixture(scope="module")
 def calls(
-    triton_python: Path, server: RunningServer, tmp_path_factory: pytest.TempPathFactory
+    triton_python: Path, v2_server: RunningServer, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Any]:
     folder = tmp_path_factory.mktemp("v2-images")
-    for name, photo in PHOTOS.items():
-        (folder / name).write_bytes(photo)
-    (folder / "photos.json").write_text(json.dumps(list(PHOTOS)))
-    np.save(folder / "pixels.npy", PIXELS)
-    http = server.http.removeprefix("http://")
-    command = [str(triton_python), str(TRITON_CALLS), http, str(server.grpc_target), MODEL]
-    done = subprocess.run(
-        [*command, str(folder)], capture_output=True, text=True, timeout=180, check=False
-    )
-    assert done.returncode == 0, f"tritonclient calls failed:\n{done.stderr}\n{server.log_tail()}"
-    return json.loads(done.stdout)
+    return run_client_calls(triton_python, "triton_calls.py", v2_server, PHOTOS, PIXELS, folder)
 
 
 @pytest.fixture(scope="module")
-def classified(server: RunningServer) -> dict[str, dict[str, Any]]:
+def classified(v2_server: RunningServer) -> dict[str, dict[str, Any]]:
     """graft's own answer for each photo: /classify, every class in top_k."""
-    files = [
-        ("images", (name, photo, "application/octet-stream")) for name, photo in PHOTOS.items()
-    ]
-    response = httpx.post(f"{server.http}/classify", files=files, data={"top_k": "3"}, timeout=60)
-    assert response.status_code == 200, response.text
-    return dict(zip(PHOTOS, response.json()["results"], strict=True))
-
-
-def _data(outputs: dict[str, Any], name: str) -> list[Any]:
-    return outputs[name]["data"]
-
-
-def _assert_matches_classify(outputs: dict[str, Any], expected: list[dict[str, Any]]) -> None:
-    assert _data(outputs, "label") == [result["label"] for result in expected]
-    for row, score, result in zip(
-        _data(outputs, "probabilities"), _data(outputs, "score"), expected, strict=True
-    ):
-        by_label = {top["label"]: top["score"] for top in result["top_k"]}
-        np.testing.assert_allclose(row, [by_label[label] for label in COLOURS], atol=TOLERANCE)
-        assert score == pytest.approx(result["score"], abs=TOLERANCE)
+    return classify(v2_server, PHOTOS)
 
 
 def test_health_and_metadata_through_both_clients(calls: dict[str, Any]) -> None:
@@ -148,18 +84,18 @@ def test_health_and_metadata_through_both_clients(calls: dict[str, Any]) -> None
 
 def test_http_json_answers_equal_classify(calls: dict[str, Any], classified: dict) -> None:
     found = calls["http"]
-    _assert_matches_classify(found["json"], list(classified.values()))
+    assert_matches_classify(found["json"], list(classified.values()))
     assert [output["name"] for output in found["json_response"]["outputs"]] == [
         "probabilities", "label", "score",
     ]  # fmt: skip
     assert all("data" in output for output in found["json_response"]["outputs"])
     assert found["json_response"]["id"] == "json-1"
-    assert _data(found["json"], "label") == list(COLOURS)  # the model really sees the colour
+    assert output_data(found["json"], "label") == list(COLOURS)  # the model really sees the colour
 
 
 def test_http_binary_answers_equal_classify(calls: dict[str, Any], classified: dict) -> None:
     found = calls["http"]
-    _assert_matches_classify(found["binary"], list(classified.values()))
+    assert_matches_classify(found["binary"], list(classified.values()))
     response = found["binary_response"]
     assert response["id"] == "bin-1" and response["model_version"] == "1"
     names = [output["name"] for output in response["outputs"]]
@@ -167,8 +103,8 @@ def test_http_binary_answers_equal_classify(calls: dict[str, Any], classified: d
     assert all("binary_data_size" in output["parameters"] for output in response["outputs"])
     # parameters.top_k = 2: the two most probable classes of each image, best first.
     for labels, scores, result in zip(
-        _data(found["binary"], "top_k_label"),
-        _data(found["binary"], "top_k_score"),
+        output_data(found["binary"], "top_k_label"),
+        output_data(found["binary"], "top_k_score"),
         classified.values(),
         strict=True,
     ):
@@ -184,21 +120,23 @@ def test_http_outputs_choose_json_or_binary_each(calls: dict[str, Any], classifi
     assert outputs["probabilities"]["parameters"]["binary_data_size"] == 3 * len(COLOURS) * 4
     assert outputs["top_k_score"]["shape"] == [3, min(5, len(COLOURS))]  # k: 5, at most C
     np.testing.assert_allclose(
-        _data(found["mixed"], "probabilities"), _data(found["json"], "probabilities"), atol=1e-6
+        output_data(found["mixed"], "probabilities"),
+        output_data(found["json"], "probabilities"),
+        atol=1e-6,
     )
 
 
 def test_pixels_answer_as_their_lossless_photos(calls: dict[str, Any], classified: dict) -> None:
     expected = [classified[name] for name in PIXEL_PHOTOS]
-    _assert_matches_classify(calls["http"]["pixels"], expected)
-    _assert_matches_classify(calls["grpc"]["pixels"], expected)
+    assert_matches_classify(calls["http"]["pixels"], expected)
+    assert_matches_classify(calls["grpc"]["pixels"], expected)
 
 
 def test_grpc_answers_equal_classify(calls: dict[str, Any], classified: dict) -> None:
     found = calls["grpc"]
-    _assert_matches_classify(found["images"], list(classified.values()))
+    assert_matches_classify(found["images"], list(classified.values()))
     assert found["id"] == "grpc-1"
-    top = _data(found["images"], "top_k_label")
+    top = output_data(found["images"], "top_k_label")
     assert top == [[t["label"] for t in result["top_k"]] for result in classified.values()]
     assert found["subset_order"] == ["score", "top_k_label", "label"]
     assert set(found["subset"]) == {"score", "top_k_label", "label"}
@@ -251,22 +189,22 @@ def _classify(server: RunningServer) -> None:
     assert httpx.post(f"{server.http}/classify", files=files, timeout=60).status_code == 200
 
 
-def test_v2_requests_share_batches_with_classify(server: RunningServer) -> None:
+def test_v2_requests_share_batches_with_classify(v2_server: RunningServer) -> None:
     mix = "http+v2+v2-grpc"
-    before = _mixes(server).get(mix, 0.0)
+    before = _mixes(v2_server).get(mix, 0.0)
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        with paused_inference(server):
-            futures = [pool.submit(call, server) for call in (_classify, _v2_rest, _v2_grpc)]
-            wait_for_images_in_flight(server, 3)
+        with paused_inference(v2_server):
+            futures = [pool.submit(call, v2_server) for call in (_classify, _v2_rest, _v2_grpc)]
+            wait_for_images_in_flight(v2_server, 3)
         for future in futures:
             future.result(timeout=60)
-    assert _mixes(server).get(mix, 0.0) == before + 1, _mixes(server)
+    assert _mixes(v2_server).get(mix, 0.0) == before + 1, _mixes(v2_server)
 
 
-def test_metrics_label_v2_with_route_templates(server: RunningServer, calls: dict) -> None:
-    httpx.post(f"{server.http}/v2/models/not-a-model/infer", json={}, timeout=30)
-    _v2_grpc(server)
-    text = httpx.get(f"{server.http}/metrics", timeout=30).text
+def test_metrics_label_v2_with_route_templates(v2_server: RunningServer, calls: dict) -> None:
+    httpx.post(f"{v2_server.http}/v2/models/not-a-model/infer", json={}, timeout=30)
+    _v2_grpc(v2_server)
+    text = httpx.get(f"{v2_server.http}/metrics", timeout=30).text
     series = [
         sample.labels
         for family in text_string_to_metric_families(text)
