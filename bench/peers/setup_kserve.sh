@@ -11,4 +11,5 @@ TF_SPEC="$(.venv/bin/python -c 'import tensorflow as tf; print("tensorflow==" + 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/pip" install --quiet --upgrade pip
 "$VENV/bin/pip" install --quiet "kserve==${KSERVE_VERSION}" "$TF_SPEC"
-"$VENV/bin/python" -c 'import kserve, tensorflow as tf; print("kserve", kserve.__version__, "tensorflow", tf.__version__)'
+# kserve 0.21 has no __version__: the installed version comes from the package metadata.
+"$VENV/bin/python" -c 'import importlib.metadata as m, kserve, tensorflow as tf; print("kserve", m.version("kserve"), "tensorflow", tf.__version__)'
