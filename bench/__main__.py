@@ -1,8 +1,9 @@
 """`python -m bench [--quick] [--only S,...] [--skip S,...]`: measure, then rewrite the report.
 
-Sections (in run order): loadgen, ceiling, graft-http, graft-grpc, switch, graft-nobatch,
-tutorial, kserve, training. Each writes bench/results/<section>.json as soon as it finishes,
-so a partial or failed run keeps what it measured and `--only` re-runs just what is missing.
+Sections (in run order): loadgen, ceiling, graft-http, graft-v2, graft-grpc, switch,
+graft-nobatch, tutorial, kserve, training (graft-http to switch share one graft start). Each
+writes bench/results/<section>.json as soon as it finishes, so a partial or failed run keeps
+what it measured and `--only` re-runs just what is missing.
 `--resume` finishes an interrupted run; `--report-only` re-renders BENCHMARKS.md and the plots
 from the JSON already there. Figures measured while other work used the CPU are labelled
 "measured under contention" in the report.
@@ -28,7 +29,8 @@ from bench.procs import Server
 from bench.sections import Context
 from bench.servers import Model
 
-GRAFT_SERVER_SECTIONS = ("graft-http", "graft-grpc", "switch")
+# Sections measured on one graft start, in this order.
+GRAFT_SERVER_SECTIONS = ("graft-http", "graft-v2", "graft-grpc", "switch")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -225,6 +227,7 @@ def plan(ctx: Context, chosen: list[str]) -> Iterator[tuple[str, Callable[[Runne
     graft_names = [s for s in GRAFT_SERVER_SECTIONS if s in chosen]
     graft_measures = {
         "graft-http": lambda s: sections.graft_http(ctx, s),
+        "graft-v2": lambda s: sections.graft_v2(ctx, s),
         "graft-grpc": lambda s: sections.graft_grpc(ctx, s),
         "switch": lambda s: sections.switch(ctx, s),
     }

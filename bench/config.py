@@ -11,11 +11,12 @@ BENCHMARKS_MD = REPO_ROOT / "BENCHMARKS.md"
 VENV_BIN = REPO_ROOT / ".venv" / "bin"
 KSERVE_PYTHON = BENCH_DIR / ".venv-kserve" / "bin" / "python"
 
-# In run order. Sections that share a server (the three graft ones) share one start-up.
+# In run order. Sections that share a server (the four graft ones) share one start-up.
 SECTIONS = (
     "loadgen",  # calibration: how fast the load generator can go, and its CPU per request
     "ceiling",  # in-process serving_default on batches
     "graft-http",
+    "graft-v2",  # Open Inference Protocol REST, binary tensor data, right after graft-http
     "graft-grpc",
     "switch",  # version published during a concurrency-16 run
     "graft-nobatch",  # GRAFT_MAX_BATCH_SIZE=1

@@ -13,6 +13,7 @@ from bench.targets_check import Results, closed
 LABELS = {
     "graft-http": "graft HTTP",
     "graft-grpc": "graft gRPC",
+    "graft-v2": "graft V2 REST (binary)",
     "graft-nobatch": "graft, batching off",
     "tutorial": "tutorial FastAPI",
     "kserve": "KServe ModelServer",

@@ -17,6 +17,7 @@ END = "<!-- bench:end -->"
 SERVERS = {  # section -> how tables and plots name it
     "graft-http": "graft HTTP",
     "graft-grpc": "graft gRPC",
+    "graft-v2": "graft V2 REST (binary)",
     "graft-nobatch": "graft HTTP, batching off",
     "tutorial": "tutorial FastAPI",
     "kserve": "KServe ModelServer",
@@ -237,14 +238,22 @@ def memory_table(results: Results) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+BATCHED = ("graft-http", "graft-v2")  # the sections that record graft_inference_batch_size
+
+
 def batch_table(results: Results) -> list[str]:
-    runs = [r for r in results.get("graft-http", {}).get("runs", []) if r["mode"] == "closed"]
-    if not runs:
-        return []
-    return [
-        "| concurrency | mean inference batch size (graft_inference_batch_size) |",
-        "|---|---|",
-    ] + [f"| {r['concurrency']} | {_f(r.get('mean_batch_size'), 2)} |" for r in runs]
+    lines = [
+        "| server | concurrency | mean inference batch size (graft_inference_batch_size) |",
+        "|---|---|---|",
+    ]
+    for name in BATCHED:
+        for run in results.get(name, {}).get("runs", []):
+            if run["mode"] == "closed":
+                lines.append(
+                    f"| {SERVERS[name]} | {run['concurrency']} | "
+                    f"{_f(run.get('mean_batch_size'), 2)} |"
+                )
+    return lines if len(lines) > 2 else []
 
 
 def switch_table(results: Results) -> list[str]:

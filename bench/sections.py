@@ -166,6 +166,9 @@ def server_runs(
 def server_summary(server: Server, runs: list[dict[str, Any]]) -> dict[str, Any]:
     first = min((r["window"][0] for r in runs), default=float("inf"))
     return {
+        # which server start this was: sections compared "on the same start" check these
+        "pid": server.process.pid,
+        "ready_at": server.ready_at,
         "startup_s": server.startup_s,
         "memory_startup": server.sampler.peak(0.0, server.ready_at),
         "memory_idle": server.sampler.peak(server.ready_at, first),
@@ -210,13 +213,26 @@ def ceiling(ctx: Context) -> dict[str, Any]:
 
 
 def graft_http(ctx: Context, server: Server) -> dict[str, Any]:
-    target = {"kind": "graft-http", "url": server.url, "model": ctx.model.name}
+    """POST /classify (multipart): the closed-loop levels, then the shared open-loop rates."""
+    return _graft_batched(ctx, server, "graft-http", open_loop=True)
+
+
+def graft_v2(ctx: Context, server: Server) -> dict[str, Any]:
+    """POST /v2/models/{name}/infer with binary tensor data, on graft-http's server start:
+    the closed-loop levels, judged against /classify at 16 clients (T9)."""
+    return _graft_batched(ctx, server, "graft-v2", open_loop=False)
+
+
+def _graft_batched(ctx: Context, server: Server, kind: str, open_loop: bool) -> dict[str, Any]:
+    """Load runs against a graft HTTP route, each with the mean inference batch size it got."""
+    target = {"kind": kind, "url": server.url, "model": ctx.model.name}
+    plan = [closed_run(ctx, c) for c in ctx.profile.levels]
+    if open_loop:
+        plan += [open_run(ctx, rate) for rate in open_rates(ctx)]
     runs = []
-    for run in [closed_run(ctx, c) for c in ctx.profile.levels] + [
-        open_run(ctx, rate) for rate in open_rates(ctx)
-    ]:
+    for run in plan:
         before = batch_stats(server.url)
-        result = load(ctx, target, run, server, "graft-http")
+        result = load(ctx, target, run, server, kind)
         after = batch_stats(server.url)
         batches = after[1] - before[1]
         result["mean_batch_size"] = (after[0] - before[0]) / batches if batches else None

@@ -118,7 +118,7 @@ def mixed_requests(transport: object, photos: list[bytes], bad_every: int) -> It
 async def _one(transport: object, request: object, bad: bool, tally: Tally) -> None:
     started = time.monotonic()
     try:
-        status, _ = await transport.post(request)  # type: ignore[attr-defined]
+        status = (await transport.post(request)).status  # type: ignore[attr-defined]
     except Exception as error:  # a failed connection is a finding, never a crashed soak
         tally.errors[type(error).__name__] += 1
         return
@@ -141,7 +141,7 @@ async def capacity(url: str, photos: list[bytes], concurrency: int, seconds: flo
         nonlocal done
         index = offset
         while time.monotonic() < deadline:
-            status, _ = await transport.post(requests[index % len(requests)])
+            status = (await transport.post(requests[index % len(requests)])).status
             index += concurrency
             done += status == 200
 

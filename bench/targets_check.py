@@ -175,6 +175,25 @@ def t7_switch(results: Results) -> Verdict:
     )
 
 
+def same_start(results: Results, a: str, b: str) -> bool:
+    """Both sections measured on one server start (the pid and ready time it recorded)."""
+    servers = [results.get(name, {}).get("server") or {} for name in (a, b)]
+    starts = [(server.get("pid"), server.get("ready_at")) for server in servers]
+    return None not in starts[0] and starts[0] == starts[1]
+
+
+def t9_v2(results: Results) -> Verdict:
+    target = (
+        "V2 REST (binary tensor data) >= 0.95 x graft HTTP /classify throughput at "
+        "concurrency 16, same server start"
+    )
+    if not same_start(results, "graft-v2", "graft-http"):
+        if closed(results, "graft-v2", 16) and closed(results, "graft-http", 16):
+            return _missing("T9", target, "graft-v2 and graft-http are from different starts")
+        return _missing("T9", target, "graft-v2 c16 and graft-http c16")
+    return _versus("T9", target, "graft-v2", "graft-http", results, 0.95, False)
+
+
 # (id, target, path into bench/training_bench.py's figures, threshold, higher is better, unit)
 TRAINING_TARGETS = (
     ("T8.1", "training: test accuracy >= 98 %", ("default", "accuracy"), 0.98, True, ""),
@@ -231,4 +250,4 @@ CHECKS: tuple[Callable[[Results], Verdict], ...] = (
 
 
 def verdicts(results: Results) -> list[Verdict]:
-    return [check(results) for check in CHECKS] + t8_training(results)
+    return [check(results) for check in CHECKS] + t8_training(results) + [t9_v2(results)]

@@ -1,4 +1,4 @@
-"""HTTP/1.1 transports for the load generator: POST a prepared body, get (status, body).
+"""HTTP/1.1 transports for the load generator: POST a prepared body, get (status, body, headers).
 
 `raw` is a small keep-alive client on asyncio streams. It exists because httpx, measured on
 this 2-core machine, spends about 4 ms of CPU per request (the do-nothing server spends under
@@ -8,7 +8,8 @@ spends a fraction of that (the `loadgen` section shows both). `httpx` stays sele
 """
 
 import asyncio
-from typing import Protocol
+from collections.abc import Mapping
+from typing import NamedTuple, Protocol
 from urllib.parse import urlsplit
 
 import httpx
@@ -16,10 +17,20 @@ import httpx
 REQUEST_TIMEOUT_S = 60.0
 
 
-class Transport(Protocol):
-    def request_bytes(self, path: str, body: bytes, content_type: str) -> object: ...
+class Answer(NamedTuple):
+    status: int
+    body: bytes
+    headers: Mapping[str, str]  # names in lower case
 
-    async def post(self, prepared: object) -> tuple[int, bytes]: ...
+
+class Transport(Protocol):
+    def request_bytes(
+        self, path: str, body: bytes, content_type: str, headers: Mapping[str, str] | None = None
+    ) -> object:
+        """The request encoded once; `headers` are sent besides Content-Type and -Length."""
+        ...
+
+    async def post(self, prepared: object) -> Answer: ...
 
     async def close(self) -> None: ...
 
@@ -31,13 +42,16 @@ class HttpxTransport:
             base_url=base_url, limits=limits, timeout=REQUEST_TIMEOUT_S
         )
 
-    def request_bytes(self, path: str, body: bytes, content_type: str) -> object:
-        return path, body, {"content-type": content_type}
+    def request_bytes(
+        self, path: str, body: bytes, content_type: str, headers: Mapping[str, str] | None = None
+    ) -> object:
+        return path, body, {"content-type": content_type, **(headers or {})}
 
-    async def post(self, prepared: object) -> tuple[int, bytes]:
+    async def post(self, prepared: object) -> Answer:
         path, body, headers = prepared  # type: ignore[misc]
         response = await self._client.post(path, content=body, headers=headers)
-        return response.status_code, response.content
+        answer_headers = {k.lower(): v for k, v in response.headers.items()}
+        return Answer(response.status_code, response.content, answer_headers)
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -52,29 +66,32 @@ class RawTransport:
         self._host, self._port = parts.hostname or "127.0.0.1", parts.port or 80
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
-    def request_bytes(self, path: str, body: bytes, content_type: str) -> object:
+    def request_bytes(
+        self, path: str, body: bytes, content_type: str, headers: Mapping[str, str] | None = None
+    ) -> object:
+        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         head = (
             f"POST {path} HTTP/1.1\r\nHost: {self._host}:{self._port}\r\n"
-            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
         )
         return head.encode("latin-1") + body
 
-    async def post(self, prepared: object) -> tuple[int, bytes]:
+    async def post(self, prepared: object) -> Answer:
         reader, writer = self._idle_connection() or await asyncio.open_connection(
             self._host, self._port
         )
         try:
             writer.write(prepared)  # type: ignore[arg-type]
             await writer.drain()
-            status, body, keep = await asyncio.wait_for(_read_response(reader), REQUEST_TIMEOUT_S)
+            answer = await asyncio.wait_for(_read_response(reader), REQUEST_TIMEOUT_S)
         except BaseException:
             writer.close()
             raise
-        if keep:
+        if answer.headers.get("connection", "").lower() != "close":
             self._idle.append((reader, writer))
         else:
             writer.close()
-        return status, body
+        return answer
 
     def _idle_connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
         """A kept-alive connection the server has not closed meanwhile (servers close idle ones
@@ -92,7 +109,7 @@ class RawTransport:
         self._idle.clear()
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
+async def _read_response(reader: asyncio.StreamReader) -> Answer:
     head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
     status_line, *header_lines = head.split("\r\n")
     status = int(status_line.split(" ", 2)[1])
@@ -105,7 +122,7 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool
         body = await _read_chunked(reader)
     else:
         body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return status, body, headers.get("connection", "").lower() != "close"
+    return Answer(status, body, headers)
 
 
 async def _read_chunked(reader: asyncio.StreamReader) -> bytes:

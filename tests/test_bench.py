@@ -15,17 +15,22 @@ from support.exports import make_tiny_export
 from support.images import encode, random_rgb
 
 from bench import report
+from bench.__main__ import parse_args, plan, selected
 from bench.ceiling import measure
 from bench.ceiling import summarize as ceiling_summary
+from bench.config import QUICK
 from bench.images import image_paths, load_images
 from bench.loadgen import poisson_offsets, run_spec
 from bench.procs import ServerFailed, free_port, http_ok, serve
-from bench.sections import analyze_switch
+from bench.sections import Context, analyze_switch
+from bench.servers import Model
 from bench.stats import Sample, summarize
+from bench.targets import V2_OUTPUTS, make_target, v2_binary_request
 from bench.targets_check import verdicts
 from bench.transport import RawTransport
 
 REPO = Path(__file__).resolve().parent.parent
+TRITON_PYTHON = REPO / "tests" / ".venv-tritonclient" / "bin" / "python"
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +176,8 @@ def _raw_posts(handler: Callable, count: int, pause_s: float = 0) -> list[tuple[
         prepared = transport.request_bytes("/x", b"body", "text/plain")
         answers = []
         for _ in range(count):
-            answers.append(await transport.post(prepared))
+            answer = await transport.post(prepared)
+            answers.append((answer.status, answer.body))
             await asyncio.sleep(pause_s)
         await transport.close()
         server.close()
@@ -187,6 +193,150 @@ def test_raw_client_reads_chunked_answers_and_reconnects_after_close():
 def test_raw_client_never_sends_on_a_connection_the_server_closed_while_idle():
     # The pause outlasts the server's keep-alive: each next request finds its connection closed.
     assert _raw_posts(_keep_alive_timeout_server, 3, pause_s=0.3) == [(200, b"ok")] * 3
+
+
+def test_raw_client_sends_extra_headers_and_returns_the_answers_headers():
+    seen: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        seen.append(head)
+        await reader.readexactly(4)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Part: 7\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    async def scenario():
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        transport = RawTransport(f"http://127.0.0.1:{port}", 1)
+        headers = {"Inference-Header-Content-Length": "3"}
+        answer = await transport.post(transport.request_bytes("/x", b"body", "a/b", headers))
+        await transport.close()
+        server.close()
+        return answer
+
+    answer = asyncio.run(scenario())
+    assert (answer.status, answer.body, answer.headers["x-part"]) == (200, b"ok", "7")
+    assert b"\r\nInference-Header-Content-Length: 3\r\n" in seen[0]
+    assert b"\r\nContent-Length: 4\r\n" in seen[0]
+
+
+# -- the V2 request kind -----------------------------------------------------------------------
+
+_TRITON_BODY = """
+import json, sys
+import numpy as np
+import tritonclient.http as httpclient
+from tritonclient.http._utils import _get_inference_request
+
+images = [bytes.fromhex(h) for h in json.loads(sys.argv[1])]
+tensor = httpclient.InferInput("images", [len(images)], "BYTES")
+tensor.set_data_from_numpy(np.array(images, dtype=np.object_))  # binary data, the default
+outputs = [httpclient.InferRequestedOutput(name) for name in json.loads(sys.argv[2])]
+body, size = _get_inference_request([tensor], "", outputs, 0, False, False, 0, None, {"top_k": 5})
+print(json.dumps({"body": body.hex(), "header_length": size}))
+"""
+
+
+def test_the_v2_request_is_byte_for_byte_what_tritonclient_http_sends():
+    """tritonclient.http (its own venv, `make setup`) builds the same request with its defaults:
+    binary input data, binary_data on every requested output, the header length."""
+    assert TRITON_PYTHON.exists(), "tests/.venv-tritonclient is missing: run `make setup`"
+    images = [encode(random_rgb(16, 16, 3), "JPEG"), b"\x00\x01 not an image"]
+    arguments = [json.dumps([i.hex() for i in images]), json.dumps(V2_OUTPUTS)]
+    done = subprocess.run(
+        [str(TRITON_PYTHON), "-c", _TRITON_BODY, *arguments],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    theirs = json.loads(done.stdout)
+    body, content_type, headers = v2_binary_request(images, V2_OUTPUTS, {"top_k": 5})
+    assert body == bytes.fromhex(theirs["body"])
+    assert headers == {"Inference-Header-Content-Length": str(theirs["header_length"])}
+    assert content_type == "application/octet-stream"
+
+
+@pytest.fixture(scope="module")
+def colour_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One class folder per colour of the colour model, each with a tinted photo."""
+    from support.trained import COLOURS, tinted_photo
+
+    root = tmp_path_factory.mktemp("photos")
+    for colour in COLOURS:
+        (root / colour).mkdir()
+        (root / colour / "0.jpg").write_bytes(tinted_photo(colour))
+    return root
+
+
+@pytest.mark.slow
+def test_v2_requests_of_the_load_generator_get_the_answers_classify_gives(
+    colour_model_root: Path, colour_photos: Path
+):
+    """A real `graft serve`: each V2 request the load generator builds is answered 200 with
+    the photo's colour, the same label, score and top 5 as /classify gives; both kinds run
+    through the load generator without errors."""
+    import httpx
+    from support.server import running_server
+    from support.trained import COLOURS
+
+    with running_server(colour_model_root, default_model="colours") as server:
+        spec = {"kind": "graft-v2", "url": server.http, "model": "colours"}
+
+        async def v2_answers() -> list[tuple[dict, dict]]:
+            target = make_target(spec, 1)
+            answers = []
+            for colour in COLOURS:
+                payload = target.prepare((colour_photos / colour / "0.jpg").read_bytes())
+                answers.append(await target.infer(payload))
+                assert await target.send(payload) == 1
+            await target.close()
+            return answers
+
+        answers = asyncio.run(v2_answers())
+        for colour, (document, outputs) in zip(COLOURS, answers, strict=True):
+            photo = (colour_photos / colour / "0.jpg").read_bytes()
+            files = {"images": ("photo.jpg", photo, "image/jpeg")}
+            classify = httpx.post(f"{server.http}/classify", files=files, timeout=60).json()
+            [result] = classify["results"]
+            assert (document["model_name"], document["model_version"]) == ("colours", "1")
+            assert outputs["label"] == [colour] == [result["label"]]
+            assert outputs["score"] == [pytest.approx(result["score"], abs=1e-6)]
+            assert outputs["top_k_label"] == [t["label"] for t in result["top_k"]]
+            expected = [pytest.approx(t["score"], abs=1e-6) for t in result["top_k"]]
+            assert outputs["top_k_score"] == expected
+
+        for kind in ("graft-v2", "graft-http"):
+            runs = asyncio.run(
+                run_spec(
+                    {
+                        "target": {**spec, "kind": kind},
+                        "images": {"dir": str(colour_photos), "count": 3},
+                        "runs": [closed(2)],
+                    }
+                )
+            )
+            assert runs[0]["errors"] == 0 and runs[0]["requests"] > 0, (kind, runs[0])
+
+
+def test_graft_v2_shares_graft_https_server_start_and_runs_in_quick():
+    assert "graft-v2" in selected(parse_args(["--quick"]))
+    ctx = Context(QUICK, True, Model("m", 1, REPO, "tiny", 8, 2), REPO, sys.executable)
+    calls: list[tuple[list[str], list[str]]] = []
+
+    class Recorder:
+        def with_server(self, names, start, measures) -> None:
+            calls.append((list(names), sorted(measures)))
+
+        def one(self, name, measure) -> None:
+            calls.append(([name], []))
+
+    chosen = selected(parse_args(["--only", "graft-v2,tutorial,graft-http"]))
+    for _, step in plan(ctx, chosen):
+        step(Recorder())
+    assert calls[0][0] == ["graft-http", "graft-v2"]  # one graft start, /classify first
+    assert "graft-v2" in calls[0][1] and calls[1][0] == ["tutorial"] and len(calls) == 2
 
 
 # -- the ceiling and the statistics ---------------------------------------------------------------
@@ -396,6 +546,64 @@ def test_a_run_where_nothing_completed_is_not_a_win():
     }
     [t3] = [v for v in verdicts(results) if v.target_id == "T3"]
     assert t3.met is None and "not measured" in t3.figure
+
+
+def _c16(ips: float, p99: float = 500.0, batch: float | None = None) -> dict:
+    return {
+        "mode": "closed",
+        "concurrency": 16,
+        "throughput_ips": ips,
+        "contended": False,
+        "latency_ms": {"p50": p99 / 2, "p95": p99, "p99": p99},
+        "requests": 400,
+        "errors": 0,
+        "mean_batch_size": batch,
+    }
+
+
+def _graft_pair(http_ips: float, v2_ips: float, v2_start: float = 12.5) -> dict:
+    start = {"pid": 4242, "ready_at": 12.5}
+    return {
+        "graft-http": _section("graft-http", runs=[_c16(http_ips, batch=3.5)], server=start),
+        "graft-v2": _section(
+            "graft-v2",
+            runs=[_c16(v2_ips, 640.0, batch=3.25)],
+            server={**start, "ready_at": v2_start},
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    ("http_ips", "v2_ips", "met", "ratio"),
+    [(40.0, 39.0, True, "0.97 x"), (40.0, 38.0, True, "0.95 x"), (40.0, 37.0, False, "0.93 x")],
+)
+def test_the_v2_target_is_095_of_classify_at_16_clients(http_ips, v2_ips, met, ratio):
+    [t9] = [v for v in verdicts(_graft_pair(http_ips, v2_ips)) if v.target_id == "T9"]
+    assert t9.met is met and ratio in t9.figure and f"{v2_ips:.1f} vs {http_ips:.1f}" in t9.figure
+
+
+def test_the_v2_target_needs_both_figures_from_one_server_start():
+    [t9] = [v for v in verdicts(_graft_pair(40.0, 39.0, v2_start=99.0)) if v.target_id == "T9"]
+    assert t9.met is None and "different starts" in t9.figure
+    [t9] = [v for v in verdicts({}) if v.target_id == "T9"]
+    assert t9.met is None and "not measured" in t9.figure
+
+
+def test_the_report_renders_the_v2_rows():
+    results = _graft_pair(40.0, 37.0)
+    assert "| graft V2 REST (binary) | 37.0 | – |" in report.throughput_table(results)
+    assert any(
+        line.startswith("| graft V2 REST (binary) | 16 | 320.0 |") and "| 640.0 | 0 |" in line
+        for line in report.latency_table(results)
+    )
+    assert report.batch_table(results)[2:] == [
+        "| graft HTTP | 16 | 3.50 |",
+        "| graft V2 REST (binary) | 16 | 3.25 |",
+    ]
+    [row] = [line for line in report.targets_table(verdicts(results)) if line.startswith("| T9")]
+    assert "37.0 vs 40.0 img/s = 0.93 x" in row and "**MISSED**" in row
+    document = f"# B\n{report.BEGIN}\n{report.END}\n"
+    assert report.missing_explanations(document, verdicts(results)) == ["T9"]
 
 
 def test_training_targets_are_judged_on_training_bench_figures():
