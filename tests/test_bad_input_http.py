@@ -9,6 +9,7 @@ classified, an EXIF-rotated photo like the upright one, and model pushes must be
 import base64
 import concurrent.futures
 import io
+import json
 import os
 import re
 import signal
@@ -190,6 +191,36 @@ def test_deeply_nested_json_is_a_400_not_a_crash(http: httpx.Client, path: str) 
     body = b"[" * 50_000 + b"]" * 50_000
     response = http.post(path, content=body, headers={"content-type": "application/json"})
     assert_error(response, 400, "bad_request")
+
+
+HUGE_INT = "9" * 5000  # over Python's 4300-digit int-string limit (json.dumps cannot write it)
+PHOTO = {"b64": base64.b64encode(tinted_photo("red")).decode()}
+V2_IMAGES = {"name": "images", "datatype": "BYTES", "shape": ["HUGE"], "data": [PHOTO["b64"]]}
+HUGE_INT_CASES = {  # case -> (method, path, JSON body with "HUGE" for the literal, field named)
+    "classify top_k": ("POST", "/classify", {"images": [PHOTO], "top_k": "HUGE"}, "top_k"),
+    "negative top_k": ("POST", "/classify", {"images": [PHOTO], "top_k": "-HUGE"}, "top_k"),
+    "version": ("POST", "/classify", {"images": [PHOTO], "version": "HUGE"}, "version"),
+    "policy pin": ("PUT", "/models/colours/policy", {"pin": "HUGE"}, "pin"),
+    "v2 shape": ("POST", "/v2/models/colours/infer", {"inputs": [V2_IMAGES]}, "shape"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HUGE_INT_CASES))
+def test_an_integer_too_long_to_parse_is_a_400_naming_its_field(
+    http: httpx.Client, case: str
+) -> None:
+    method, path, document, field = HUGE_INT_CASES[case]
+    body = json.dumps(document).replace('"-HUGE"', f"-{HUGE_INT}").replace('"HUGE"', HUGE_INT)
+    headers = {"content-type": "application/json", **AUTH}
+    response = http.request(method, path, content=body.encode(), headers=headers)
+    assert response.status_code == 400, response.text
+    assert field in response.text, response.text
+    assert http.get("/livez").status_code == 200
+
+
+def test_a_form_field_too_long_to_parse_is_a_400_naming_it(http: httpx.Client) -> None:
+    response = upload(http, tinted_photo("red"), top_k=HUGE_INT)
+    assert "top_k" in assert_error(response, 400, "bad_request")
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
 from service.errors import BadRequest, UnsupportedMediaType, validation_message
+from service.protocol import json_text
 from service.store.layout import PIXELS_SIGNATURE, SERVING_SIGNATURE
 
 
@@ -80,7 +81,7 @@ async def json_body(request: Request) -> Any:
     if not body:
         raise BadRequest("the request body is empty; send JSON")
     try:
-        return json.loads(body)
+        return json_text.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}") from None
     except RecursionError:  # json's C decoder refuses nesting deeper than ~1000 levels

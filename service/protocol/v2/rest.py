@@ -23,6 +23,7 @@ from starlette.routing import Route
 from service.errors import BadRequest, GraftError, Overloaded, validation_message
 from service.gateway import Gateway, Prediction
 from service.gateway.request_metrics import observe, rejected
+from service.protocol import json_text
 from service.protocol.v2.binary import BINARY_MEDIA_TYPE, HEADER_LENGTH, BinarySection, split_body
 from service.protocol.v2.models import (
     EXTENSIONS,
@@ -191,7 +192,7 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[V2Request, li
     if not header:
         raise BadRequest('the request body is empty; send {"inputs": [...]} as JSON')
     try:
-        document = json.loads(header)
+        document = json_text.loads(header)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         hint = "" if header_length else f" (binary tensor data needs the {HEADER_LENGTH} header)"
         raise BadRequest(f"the JSON of the request is not valid: {exc}{hint}") from None
