@@ -218,6 +218,39 @@ def test_an_integer_too_long_to_parse_is_a_400_naming_its_field(
     assert http.get("/livez").status_code == 200
 
 
+def test_request_names_never_become_metric_labels(
+    http: httpx.Client, classifier: pb_grpc.ImageClassifierStub
+) -> None:
+    """Made-up model names and versions are counted under `unknown`: /metrics stays bounded."""
+    photo = {"images": [PHOTO]}
+    invented = [f"no-such-model-{i:03d}" for i in range(40)]
+    for name in invented:
+        assert http.post("/classify", json={**photo, "model": name}).status_code == 404
+        assert http.get(f"/v1/models/{name}").status_code == 404
+        assert http.get(f"/v1/models/{name}/metadata").status_code == 404
+    for version in (7, 12345, 10**17):
+        assert http.post("/classify", json={**photo, "version": version}).status_code == 404
+    huge_name = "x" * 1_000_000
+    with pytest.raises(grpc.RpcError) as refused:
+        classifier.Classify(pb.ClassifyRequest(model=huge_name, images=[tinted_photo("red")]))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(refused.value.details() or "") < 500, "the error echoed the whole name"
+    assert http.post("/classify", json=photo).status_code == 200
+    text = http.get("/metrics").text
+    assert not any(name in text for name in invented)
+    assert huge_name[:100] not in text
+    assert 'model="unknown"' in text and 'model="colours"' in text
+    # BentoML's own series too: the route's template, or `other` for a path nothing serves.
+    assert http.get("/no/such/path/at/all").status_code == 404
+    text = http.get("/metrics").text
+    assert 'endpoint="/v1/models/{name}"' in text and 'endpoint="other"' in text
+    assert "/no/such/path" not in text and not any(name in text for name in invented)
+    for version in ("12345", "100000000000000000"):
+        assert f'version="{version}"' not in text
+    durations = [line for line in text.splitlines() if "graft_request_duration_seconds" in line]
+    assert len("\n".join(durations)) < 200_000, "the request-duration series grew with the names"
+
+
 def test_a_form_field_too_long_to_parse_is_a_400_naming_it(http: httpx.Client) -> None:
     response = upload(http, tinted_photo("red"), top_k=HUGE_INT)
     assert "top_k" in assert_error(response, 400, "bad_request")

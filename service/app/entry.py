@@ -18,6 +18,7 @@ from service.app.inference_client import InferenceClient
 from service.app.inference_service import Inference
 from service.app.process import ENTRY_TIMEOUT_S, SETTINGS
 from service.gateway import Gateway
+from service.protocol.http import endpoint_labels
 from service.protocol.http.guard import RequestGuard
 from service.protocol.http.routes import build_app
 
@@ -37,7 +38,11 @@ def _current_gateway() -> Gateway:
     return bentoml.get_current_service().gateway
 
 
-@bentoml.asgi_app(build_app(_current_gateway), path="/")
+HTTP_APP = build_app(_current_gateway)
+endpoint_labels.install(HTTP_APP.routes)  # before BentoML builds the apps of these services
+
+
+@bentoml.asgi_app(HTTP_APP, path="/")
 @bentoml.service(name="graft", workers=SETTINGS.workers, traffic={"timeout": ENTRY_TIMEOUT_S})
 class Graft:
     inference = bentoml.depends(Inference)

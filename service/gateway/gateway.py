@@ -19,7 +19,7 @@ from service.errors import BadRequest, GraftError, ModelNotFound, NotReady
 from service.gateway.admission import Admission
 from service.gateway.backend_calls import call_backend
 from service.gateway.management import Management
-from service.gateway.request_metrics import observe
+from service.gateway.request_metrics import observe, record_served
 from service.gateway.results import Prediction, image_result, raise_first_error
 from service.image_check import check_image
 from service.schemas import ClassifyResponse
@@ -63,6 +63,7 @@ class Gateway:
     async def refresh_status(self) -> list[ModelStatus]:
         statuses = await self._backend.status()
         self._status = {s.name: s for s in statuses}
+        record_served(statuses)
         return statuses
 
     async def watch_status(self, interval_s: float = 0.5) -> None:

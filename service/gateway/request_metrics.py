@@ -1,11 +1,19 @@
-"""Each request's duration and outcome, and the reason of every refusal, as Prometheus series."""
+"""Each request's duration and outcome, and the reason of every refusal, as Prometheus series.
+
+Label values never come from the request as they are: every label set is a series for ever (and
+a set of files in the multiprocess folder), so a model label is a model the repository holds,
+a version label one of its versions, and anything else is `unknown`.
+"""
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 from service import metrics
 from service.errors import GraftError
+from service.wire import ModelStatus
+
+UNKNOWN = "unknown"
 
 # Protocols whose outcomes are gRPC status names (OK, INVALID_ARGUMENT); the others' are HTTP
 # status codes. "v2-grpc" is the Open Inference Protocol over gRPC ("v2" is its REST side).
@@ -31,7 +39,8 @@ def observe(
         code = "INTERNAL" if protocol in GRPC_PROTOCOLS else "500"
         raise
     finally:
-        metrics.REQUEST_DURATION.labels(protocol, route, model, outcome["version"], code).observe(
+        model_label, version_label = _SERVED.labels(model, outcome["version"])
+        metrics.REQUEST_DURATION.labels(protocol, route, model_label, version_label, code).observe(
             time.perf_counter() - started
         )
 
@@ -45,3 +54,27 @@ def rejected(protocol: str, route: str, exc: GraftError) -> None:
 
 def _status_code(protocol: str, exc: GraftError) -> str:
     return exc.grpc_status.name if protocol in GRPC_PROTOCOLS else str(exc.http_status)
+
+
+class _ServedModels:
+    """The models and versions whose names may be label values (the last status seen)."""
+
+    def __init__(self) -> None:
+        self._versions: dict[str, frozenset[str]] = {}
+
+    def update(self, statuses: Iterable[ModelStatus]) -> None:
+        self._versions = {s.name: frozenset(str(v.version) for v in s.versions) for s in statuses}
+
+    def labels(self, model: str, version: str) -> tuple[str, str]:
+        versions = self._versions.get(model)
+        if versions is None:
+            return (UNKNOWN if model else "", UNKNOWN if version else "")
+        return model, version if not version or version in versions else UNKNOWN
+
+
+_SERVED = _ServedModels()
+
+
+def record_served(statuses: Iterable[ModelStatus]) -> None:
+    """Tell the request metrics which models and versions exist (on every status refresh)."""
+    _SERVED.update(statuses)

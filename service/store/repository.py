@@ -35,6 +35,7 @@ POLICY_FILE = "policy.json"
 LOCK_FILE = ".lock"
 SCRATCH_DIR = ".scratch"  # not a model name: NAME_PATTERN refuses the dot
 _CHUNK = 1 << 20
+_SHOWN_NAME = 80  # of an invalid name, in the error: a request may send megabytes
 
 
 class RepositoryError(GraftError):
@@ -219,8 +220,9 @@ class ModelRepository:
 
 def validate_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        shown = repr(name) if len(str(name)) <= _SHOWN_NAME else f"{str(name)[:_SHOWN_NAME]!r}..."
         raise BadRequest(
-            f"invalid model name {name!r}: use 1-63 characters of a-z, 0-9, '_' and '-', "
+            f"invalid model name {shown}: use 1-63 characters of a-z, 0-9, '_' and '-', "
             "starting with a letter or digit"
         )
     return name
