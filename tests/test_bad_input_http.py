@@ -251,6 +251,62 @@ def test_request_names_never_become_metric_labels(
     assert len("\n".join(durations)) < 200_000, "the request-duration series grew with the names"
 
 
+def _raw_request(server: RunningServer, head: str, body: bytes = b"") -> tuple[int, bytes]:
+    """One HTTP/1.1 request written byte for byte (httpx folds repeated headers)."""
+    host, port = server.http.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=60) as connection:
+        connection.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    status = int(answer.split(b" ", 2)[1])
+    return status, answer.partition(b"\r\n\r\n")[2]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        f"Content-Type: {PICKLE}\nContent-Type: application/json\n",
+        f"Content-Type: application/json\nContent-Type: {PICKLE}\n",
+        "Content-Type: application/json\ncontent-type: application/json\n",
+    ],
+)
+def test_a_framing_header_sent_twice_is_refused(server: RunningServer, headers: str) -> None:
+    body = json.dumps({"images": [PHOTO]}).encode()
+    head = f"POST /classify HTTP/1.1\nHost: x\n{headers}Content-Length: {len(body)}\n"
+    head += "Connection: close\n"
+    status, answer = _raw_request(server, head, body)
+    assert status == 400, answer
+    assert b"content-type more than once" in answer
+
+
+def test_two_content_lengths_are_refused(server: RunningServer) -> None:
+    body = json.dumps({"images": [PHOTO]}).encode()
+    head = "POST /classify HTTP/1.1\nHost: x\nContent-Type: application/json\n"
+    head += f"Content-Length: {len(body)}\nContent-Length: {len(body)}\nConnection: close\n"
+    status, answer = _raw_request(server, head, body)
+    assert status == 400, answer  # refused by the HTTP parser or by graft, never served
+
+
+OUTSIDE_HOST = re.compile(rb"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", re.I)
+
+
+def test_no_page_graft_serves_reaches_another_host(http: httpx.Client) -> None:
+    """BentoML's own page (which loads Google Tag Manager) and its assets are not served, and
+    no GET route answers HTML that loads anything from elsewhere."""
+    for path in ("/", "/index.html", "/static_content/swagger-ui-bundle.js", "/assets/x.js"):
+        response = http.get(path)
+        assert_error(response, 404, "not_found")
+        assert response.headers["content-type"] == "application/json", path
+    paths = [p for p, ops in http.get("/openapi.json").json()["paths"].items() if "get" in ops]
+    paths += ["/", "/docs.json", "/livez", "/readyz", "/metrics"]
+    for template in paths:
+        response = http.get(template.replace("{name}", "colours").replace("{version}", "1"))
+        if "html" in response.headers.get("content-type", ""):
+            assert not OUTSIDE_HOST.search(response.content), f"{template} loads another host"
+        assert b"googletagmanager" not in response.content, template
+
+
 def test_a_form_field_too_long_to_parse_is_a_400_naming_it(http: httpx.Client) -> None:
     response = upload(http, tinted_photo("red"), top_k=HUGE_INT)
     assert "top_k" in assert_error(response, 400, "bad_request")

@@ -5,6 +5,10 @@
   still speaks pickle, but only over a Unix socket that BentoML creates for the entry process.
 - Bodies over the limit get 413: at once when Content-Length says so, otherwise as soon as the
   streamed bytes pass it (the route sees a PayloadTooLarge error while reading).
+- A request with a framing header twice (Content-Type, Content-Length, Transfer-Encoding) gets
+  400: which copy a server reads differs between servers, proxies and middlewares.
+- BentoML's own web page and its assets are not served (404): its page loads Google Tag Manager
+  into the browser of whoever opens the service, and graft serves no page that reaches out.
 """
 
 import re
@@ -12,11 +16,19 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import GraftError, PayloadTooLarge, UnsupportedMediaType
+from service.errors import (
+    BadRequest,
+    GraftError,
+    ModelNotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
 from service.schemas import ErrorBody
 
 PICKLE_MEDIA_TYPE = "application/vnd.bentoml+pickle"
 _PUSH_PATH = re.compile(r"^/models/[^/]+/versions/?$")
+_FRAMING_HEADERS = (b"content-type", b"content-length", b"transfer-encoding")
+_BENTOML_PAGE = re.compile(r"^/(|index\.html|static_content/.*|assets/.*)$")
 
 
 class RequestGuard:
@@ -29,23 +41,35 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            await _refuse(send, refusal)
+            return
+        await self.app(scope, _counting(receive, self._limit(scope)), send)
+
+    def _refusal(self, scope: Scope) -> GraftError | None:
+        """Why the request is refused before anything reads it, or None."""
+        names = [name.lower() for name, _ in scope["headers"]]
+        twice = sorted({n.decode() for n in _FRAMING_HEADERS if names.count(n) > 1})
+        if twice:
+            return BadRequest(f"the request has {', '.join(twice)} more than once; send each once")
         headers = _headers(scope)
         media_type = headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type == PICKLE_MEDIA_TYPE:
-            await _refuse(
-                send,
-                UnsupportedMediaType(
-                    f"{PICKLE_MEDIA_TYPE} bodies are refused: unpickling runs code. "
-                    "Send JSON or multipart/form-data."
-                ),
+            return UnsupportedMediaType(
+                f"{PICKLE_MEDIA_TYPE} bodies are refused: unpickling runs code. "
+                "Send JSON or multipart/form-data."
             )
-            return
+        if _BENTOML_PAGE.match(scope.get("path", "")):
+            return ModelNotFound(
+                f"graft serves no page at {scope.get('path', '')}; its API is described at "
+                "/openapi.json (POST /classify, /v1/models/..., /v2/...)"
+            )
         limit = self._limit(scope)
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            await _refuse(send, _too_large(int(declared), limit))
-            return
-        await self.app(scope, _counting(receive, limit), send)
+            return _too_large(int(declared), limit)
+        return None
 
     def _limit(self, scope: Scope) -> int:
         if scope.get("method") == "POST" and _PUSH_PATH.match(scope.get("path", "")):
