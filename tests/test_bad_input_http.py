@@ -499,6 +499,68 @@ def test_grpc_tf_serving_predict_bad_input(
     assert len(caught.value.details()) > 15
 
 
+def _tf_serving_call(server: RunningServer, method: str, request: object) -> grpc.RpcError:
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    with grpc.insecure_channel(server.grpc_target or "") as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            getattr(stub, method)(request, timeout=60)
+    return caught.value
+
+
+def test_tf_serving_counts_images_before_any_per_image_work(
+    server: RunningServer, http: httpx.Client
+) -> None:
+    """Two million 1x1 pixel images (6 MB), and a million examples sharing one context image,
+    are refused from their counts: no PNG is encoded, no image copied per example."""
+    from tensorflow.core.example import example_pb2
+    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+    from tensorflow_serving.apis import classification_pb2, predict_pb2
+
+    dims = [tensor_shape_pb2.TensorShapeProto.Dim(size=n) for n in (2_000_000, 1, 1, 3)]
+    predict = predict_pb2.PredictRequest()
+    predict.model_spec.name, predict.model_spec.signature_name = "colours", "serve_pixels"
+    predict.inputs["pixels"].CopyFrom(
+        tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_UINT8,
+            tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=dims),
+            tensor_content=bytes(6_000_000),
+        )
+    )
+    classify = classification_pb2.ClassificationRequest()
+    classify.model_spec.name = "colours"
+    source = classify.input.example_list_with_context
+    source.context.features.feature["image/encoded"].bytes_list.value.append(tinted_photo("red"))
+    source.examples.extend(example_pb2.Example() for _ in range(1_000_000))
+    for method, request in (("Predict", predict), ("Classify", classify)):
+        started = time.monotonic()
+        refused = _tf_serving_call(server, method, request)
+        assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.details()
+        assert "images in one request; the limit is" in (refused.details() or "")
+        assert time.monotonic() - started < 20, f"{method} did per-image work first"
+    assert http.get("/livez").status_code == 200
+
+
+def test_tf_serving_pixel_images_over_the_pixel_limit_are_refused_from_the_shape(
+    server: RunningServer,
+) -> None:
+    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+    from tensorflow_serving.apis import predict_pb2
+
+    dims = [tensor_shape_pb2.TensorShapeProto.Dim(size=n) for n in (1, 10_000, 5_000, 3)]
+    predict = predict_pb2.PredictRequest()
+    predict.model_spec.name, predict.model_spec.signature_name = "colours", "serve_pixels"
+    predict.inputs["pixels"].CopyFrom(
+        tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_UINT8, tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=dims)
+        )
+    )
+    refused = _tf_serving_call(server, "Predict", predict)
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.details()
+    assert "GRAFT_MAX_IMAGE_PIXELS" in (refused.details() or "")
+
+
 # -- model pushes -------------------------------------------------------------------------------
 
 

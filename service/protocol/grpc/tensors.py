@@ -3,7 +3,7 @@
 No TensorFlow: the messages come from graft's own stubs of TF Serving's protos.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from google.protobuf import json_format
@@ -21,7 +21,10 @@ def _dims(tensor: tensor_pb2.TensorProto) -> list[int]:
     return [dim.size for dim in tensor.tensor_shape.dim]
 
 
-def encoded_images(tensor: tensor_pb2.TensorProto) -> list[bytes]:
+CountCheck = Callable[[int], None]  # refuses a request of that many images (Gateway's limit)
+
+
+def encoded_images(tensor: tensor_pb2.TensorProto, check_count: CountCheck) -> list[bytes]:
     shape = _dims(tensor)
     if tensor.dtype != types_pb2.DT_STRING or len(shape) != 1:
         raise BadRequest(
@@ -29,18 +32,28 @@ def encoded_images(tensor: tensor_pb2.TensorProto) -> list[bytes]:
             f"got {types_pb2.DataType.Name(tensor.dtype)} {shape}; build it with "
             "tf.make_tensor_proto([jpeg_bytes, ...])"
         )
+    check_count(shape[0])
     if shape[0] != len(tensor.string_val):
         raise BadRequest(f"input `images` has shape {shape} but {len(tensor.string_val)} values")
     return list(tensor.string_val)
 
 
-def pixel_images(tensor: tensor_pb2.TensorProto) -> list[bytes]:
-    """uint8 [n, h, w, 3] pixels -> lossless PNGs, so pixels share the encoded-image path."""
+def pixel_images(
+    tensor: tensor_pb2.TensorProto, check_count: CountCheck, max_pixels: int
+) -> list[bytes]:
+    """uint8 [n, h, w, 3] pixels -> lossless PNGs, so pixels share the encoded-image path.
+    Counts and sizes are checked from the shape before any pixel is touched."""
     shape = _dims(tensor)
     if tensor.dtype != types_pb2.DT_UINT8 or len(shape) != 4 or shape[3] != 3:
         raise BadRequest(
             f"input `pixels` must be a DT_UINT8 tensor of shape [n, h, w, 3], got "
             f"{types_pb2.DataType.Name(tensor.dtype)} {shape}"
+        )
+    check_count(shape[0])
+    if min(shape) < 1 or shape[1] * shape[2] > max_pixels:
+        raise BadRequest(
+            f"input `pixels` has shape {shape}: each image needs 1 to {max_pixels} pixels "
+            "(GRAFT_MAX_IMAGE_PIXELS)"
         )
     if tensor.tensor_content:
         flat = np.frombuffer(tensor.tensor_content, dtype=np.uint8)
@@ -82,7 +95,9 @@ def _example_image(example: example_pb2.Example, context: example_pb2.Example) -
     )
 
 
-def examples(request: classification_pb2.ClassificationRequest) -> list[bytes]:
+def examples(
+    request: classification_pb2.ClassificationRequest, check_count: CountCheck
+) -> list[bytes]:
     kind = request.input.WhichOneof("kind")
     if kind == "example_list":
         examples, context = request.input.example_list.examples, example_pb2.Example()
@@ -91,6 +106,7 @@ def examples(request: classification_pb2.ClassificationRequest) -> list[bytes]:
         examples, context = source.examples, source.context
     else:
         raise BadRequest("ClassificationRequest.input holds no examples")
+    check_count(len(examples))  # before a context image is copied into every example
     return [_example_image(example, context) for example in examples]
 
 

@@ -7,6 +7,7 @@ encoded images; `serve_pixels` takes `pixels`, DT_UINT8 [n, h, w, 3]), `GetModel
 bytes). Everything runs through the Gateway, so it shares batches, limits and metrics with HTTP.
 """
 
+import asyncio
 from collections.abc import Sequence
 
 import grpc
@@ -60,7 +61,9 @@ def _signature(spec: model_pb2.ModelSpec) -> str:
     return name
 
 
-def _inputs(request: predict_pb2.PredictRequest, signature: str) -> list[bytes]:
+def _inputs(
+    request: predict_pb2.PredictRequest, signature: str, gateway: Gateway
+) -> list[bytes]:
     wanted = SIGNATURE_INPUTS[signature]
     if set(request.inputs) != {wanted}:
         raise BadRequest(
@@ -68,7 +71,9 @@ def _inputs(request: predict_pb2.PredictRequest, signature: str) -> list[bytes]:
             f"got {sorted(request.inputs)}"
         )
     tensor = request.inputs[wanted]
-    return encoded_images(tensor) if signature == SERVING_SIGNATURE else pixel_images(tensor)
+    if signature == SERVING_SIGNATURE:
+        return encoded_images(tensor, gateway.check_image_count)
+    return pixel_images(tensor, gateway.check_image_count, gateway.settings.max_image_pixels)
 
 
 def _output_names(output_filter: Sequence[str]) -> list[str]:
@@ -121,7 +126,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             version = _version(request.model_spec)
             signature = _signature(request.model_spec)
             wanted = _output_names(request.output_filter)
-            images = _inputs(request, signature)
+            # PNG-encoding pixels costs CPU: never on the event loop (other requests, /livez).
+            images = await asyncio.to_thread(_inputs, request, signature, self._gateway)
         prediction = await self._predict(
             images, request.model_spec.name, version, context, PREDICT_ROUTE
         )
@@ -143,7 +149,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             version = _version(request.model_spec)
             if _signature(request.model_spec) != SERVING_SIGNATURE:
                 raise BadRequest(f"Classify runs the {SERVING_SIGNATURE!r} signature only")
-            images = examples(request)
+            images = examples(request, self._gateway.check_image_count)
         prediction = await self._predict(
             images, request.model_spec.name, version, context, CLASSIFY_ROUTE
         )
