@@ -73,6 +73,13 @@ class InsufficientStorage(GraftError):
     grpc_status = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class BadModelOutput(GraftError):
+    """The model answered an image with probabilities that are not finite: the version is
+    broken for that input (its warm-up passed), so nothing is made up in their place."""
+
+    code = "bad_model_output"
+
+
 class Overloaded(GraftError):
     code, http_status, grpc_status = "overloaded", 503, grpc.StatusCode.RESOURCE_EXHAUSTED
     retry_after_s = 1

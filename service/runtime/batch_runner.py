@@ -13,7 +13,7 @@ from typing import cast
 import numpy as np
 
 from service import metrics
-from service.errors import GraftError, InvalidImage
+from service.errors import BadModelOutput, GraftError, InvalidImage
 from service.runtime.loaded_model import LoadedModel
 from service.runtime.versions import VersionManager
 from service.wire import InferItem, InferResult, ModelMetadata
@@ -78,6 +78,8 @@ def _run_one(model: LoadedModel, item: InferItem) -> InferResult:
 
 
 def _success(model: LoadedModel, row: np.ndarray) -> InferResult:
+    if not np.isfinite(row).all():
+        return _failure(model.name, model.version, _bad_output(model))
     top = int(np.argmax(row))
     version = str(model.version)
     metrics.PREDICTIONS.labels(model.name, version, model.labels[top]).inc()
@@ -89,3 +91,11 @@ def _success(model: LoadedModel, row: np.ndarray) -> InferResult:
 
 def _failure(name: str, version: int | None, exc: GraftError) -> InferResult:
     return InferResult(model=name, version=version, error_code=exc.code, error=exc.message)
+
+
+def _bad_output(model: LoadedModel) -> BadModelOutput:
+    return BadModelOutput(
+        f"model {model.name!r} version {model.version} returned NaN or infinite probabilities "
+        f"for this image; the version is broken for such inputs: pin an earlier one with "
+        f"PUT /models/{model.name}/policy, and retrain or re-export it"
+    )

@@ -6,7 +6,7 @@ images, exported with `training.export.export_model`. About 3 s on one CPU core.
     version = publish_tiny_model(model_root, "flowers")   # export + publish in one call
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -76,3 +76,42 @@ def publish_tiny_model(
     with tempfile.TemporaryDirectory(dir=Path(model_root).parent) as scratch:
         export_dir = make_tiny_export(Path(scratch) / "export", labels)
         return ModelRepository(model_root).publish(export_dir, name)
+
+
+def raw_saved_model(folder: Path, labels: list[str], outputs: Callable) -> Path:
+    """A SavedModel built by hand (not through export_model, which would refuse these), with
+    the labels file and a manifest, so only the model itself is wrong. `outputs(images)` maps
+    the `images` string tensor to probabilities inside the signature."""
+    import tensorflow as tf
+
+    from service.store.manifest import Manifest, hash_tree
+
+    class Module(tf.Module):
+        def __init__(self) -> None:
+            self.bias = tf.Variable(0.0)
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+        def serve(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
+            probabilities = outputs(images) + self.bias
+            return {
+                "probabilities": probabilities,
+                "label": tf.gather(tf.constant(labels), tf.argmax(probabilities, axis=-1)),
+                "score": tf.reduce_max(probabilities, axis=-1),
+            }
+
+    module = Module()
+    tf.saved_model.save(module, str(folder), signatures={"serving_default": module.serve})
+    (folder / "assets").mkdir(exist_ok=True)
+    (folder / "assets/labels.txt").write_text("".join(f"{label}\n" for label in labels))
+    Manifest(backbone="raw", image_size=8, labels=labels, files=hash_tree(folder)).write(folder)
+    return folder
+
+
+def nan_for_large_images(images: object, threshold_bytes: int = 20_000) -> object:
+    """Probabilities [0.5, 0.5], or NaN for every encoded image over `threshold_bytes`: a model
+    that passes its warm-up (small images) and breaks at run time."""
+    import tensorflow as tf
+
+    large = tf.strings.length(images) > threshold_bytes
+    good = tf.fill([tf.shape(images)[0], 2], 0.5)
+    return tf.where(large[:, None], tf.fill(tf.shape(good), float("nan")), good)
