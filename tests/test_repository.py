@@ -181,8 +181,93 @@ def test_a_pin_to_a_removed_version_or_a_broken_policy_is_reported(repo, export_
     assert repo.publish(export_dir, "flowers") == 3, "a removed number is never reused"
 
 
-def test_concurrent_publishes_get_distinct_versions(repo, export_dir):
-    """Threads in one process and separate processes, all publishing the same model at once."""
+def test_a_deleted_newest_version_never_gives_its_number_again(repo, export_dir):
+    """The gateway caches metadata per (name, version) and the version manager matches its
+    previous model by number: a number once published must never name another model."""
+    for _ in range(3):
+        repo.publish(export_dir, "flowers")
+    shutil.rmtree(repo.version_dir("flowers", 3))
+    assert repo.versions("flowers") == [1, 2]
+    assert repo.publish(export_dir, "flowers") == 4
+    for version in (4, 2):
+        shutil.rmtree(repo.version_dir("flowers", version))
+    assert ModelRepository(repo.root).publish(export_dir, "flowers") == 5  # a fresh object too
+    assert repo.versions("flowers") == [1, 5]
+    assert repo.verify("flowers", 5).version == 5
+    assert (repo.root / "flowers" / ".last-version").read_text() == "5\n"
+
+
+def test_a_refused_export_costs_no_number(repo, export_dir, tmp_path):
+    repo.publish(export_dir, "flowers")
+    linked = tmp_path / "linked"
+    shutil.copytree(export_dir, linked)
+    (linked / "assets" / "link").symlink_to("/etc/passwd")
+    with pytest.raises(BadRequest, match="link or special file"):
+        repo.publish(linked, "flowers")
+    assert repo.publish(export_dir, "flowers") == 2
+
+
+def test_the_mark_is_neither_a_version_nor_a_model(repo, export_dir):
+    repo.publish(export_dir, "flowers")
+    repo.publish(export_dir, "flowers")
+    mark = repo.root / "flowers" / ".last-version"
+    assert mark.is_file()
+    assert repo.versions("flowers") == [1, 2] and repo.models() == ["flowers"]
+    for version in (1, 2):
+        shutil.rmtree(repo.version_dir("flowers", version))
+    assert mark.is_file(), "deleting versions keeps the mark"
+    assert (repo.versions("flowers"), repo.models()) == ([], [])
+    with pytest.raises(ModelNotFound, match="has no versions"):
+        repo.resolve("flowers")
+    assert repo.publish(export_dir, "flowers") == 3
+    assert repo.models() == ["flowers"]
+
+
+def test_a_repository_made_before_the_mark_keeps_working(repo, export_dir):
+    """No mark: numbered from the folders, and the next publish writes the mark."""
+    for _ in range(3):
+        repo.publish(export_dir, "flowers")
+    mark = repo.root / "flowers" / ".last-version"
+    mark.unlink()
+    shutil.rmtree(repo.version_dir("flowers", 1))
+    assert (repo.versions("flowers"), repo.resolve("flowers")) == ([2, 3], 3)
+    repo.set_pin("flowers", 2)
+    assert repo.resolve("flowers") == 2
+    assert repo.publish(export_dir, "flowers") == 4
+    assert mark.read_text() == "4\n"
+    shutil.rmtree(repo.version_dir("flowers", 4))
+    assert repo.publish(export_dir, "flowers") == 5
+
+
+def test_a_mark_above_the_folders_wins_as_after_a_crash_before_the_rename(repo, export_dir):
+    """A publisher killed between writing the mark and the rename skips its number."""
+    repo.publish(export_dir, "flowers")
+    (repo.root / "flowers" / ".last-version").write_text("41\n")
+    assert repo.publish(export_dir, "flowers") == 42
+    assert repo.versions("flowers") == [1, 42]
+
+
+@pytest.mark.parametrize("broken", ["", "seven\n", "0\n", "-3", "1e3", "9" * 19, b"\xff\xfe"])
+def test_a_broken_mark_falls_back_to_the_folders_with_a_warning_and_is_rewritten(
+    repo, export_dir, caplog, broken
+):
+    repo.publish(export_dir, "flowers")
+    repo.publish(export_dir, "flowers")
+    mark = repo.root / "flowers" / ".last-version"
+    (mark.write_bytes if isinstance(broken, bytes) else mark.write_text)(broken)
+    with caplog.at_level("WARNING", logger="graft.store"):
+        assert repo.publish(export_dir, "flowers") == 3
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert ".last-version is not a version number" in caplog.text
+    assert "numbering from the version folders" in caplog.text
+    assert mark.read_text() == "3\n"
+    caplog.clear()
+    assert repo.publish(export_dir, "flowers") == 4
+    assert not caplog.records, "a rewritten mark is read without a warning"
+
+
+def _publish_concurrently(repo: ModelRepository, export_dir: Path) -> list[int]:
+    """Three threads in one process and three separate processes publish `m` at once."""
     results: list[int] = []
     threads = [
         threading.Thread(target=lambda: results.append(repo.publish(export_dir, "m")))
@@ -198,10 +283,27 @@ def test_concurrent_publishes_get_distinct_versions(repo, export_dir):
     for thread in threads:
         thread.join()
     results += [int(p.communicate(timeout=120)[0]) for p in processes]
+    return results
+
+
+def test_concurrent_publishes_get_distinct_versions(repo, export_dir):
+    """Threads in one process and separate processes, all publishing the same model at once."""
+    results = _publish_concurrently(repo, export_dir)
     assert sorted(results) == [1, 2, 3, 4, 5, 6]
     assert repo.versions("m") == [1, 2, 3, 4, 5, 6]
     for version in results:
         repo.verify("m", version)
+    assert (repo.root / "m" / ".last-version").read_text() == "6\n"
+
+
+def test_concurrent_publishes_after_a_deletion_get_distinct_new_versions(repo, export_dir):
+    repo.publish(export_dir, "m")
+    repo.publish(export_dir, "m")
+    shutil.rmtree(repo.version_dir("m", 2))
+    results = _publish_concurrently(repo, export_dir)
+    assert sorted(results) == [3, 4, 5, 6, 7, 8]
+    assert repo.versions("m") == [1, 3, 4, 5, 6, 7, 8]
+    assert (repo.root / "m" / ".last-version").read_text() == "8\n"
 
 
 # A light process (no TensorFlow) that forks publishers on request, so each kill costs a fork
@@ -261,8 +363,11 @@ def test_kill_9_while_publishing_never_leaves_a_broken_version(repo, export_dir)
         forker.wait(timeout=30)
     assert kills >= 50 and interrupted >= 10, (kills, interrupted)
     assert repo.versions("m"), "no publish ever completed; the test proved nothing"
+    mark = int((model_dir / ".last-version").read_text())
+    assert mark >= max(repo.versions("m")), "the mark never lags a published version"
     next_version = repo.publish(export_dir, "m")
     assert next_version == max(int(e.name) for e in model_dir.iterdir() if e.name.isdigit())
+    assert next_version == mark + 1, "numbered above every number handed out, none reused"
     assert not [e for e in model_dir.iterdir() if e.name.startswith(".staging")]
 
 

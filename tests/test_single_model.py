@@ -88,6 +88,37 @@ def test_both_views_share_versions_pin_and_lock(repository, export_dir):
         single.set_pin("apple", 9)
 
 
+def test_both_views_share_the_mark_so_no_number_comes_round_again(repository, export_dir):
+    for _ in range(3):
+        repository.publish(export_dir, "apple")
+    single = open_repository(repository.root / "apple", "leaves")
+    shutil.rmtree(single.version_dir("leaves", 3))
+    assert single.publish(export_dir, "leaves") == 4
+    shutil.rmtree(repository.version_dir("apple", 4))
+    assert repository.publish(export_dir, "apple") == 5
+    shutil.rmtree(single.version_dir("leaves", 5))
+    assert single.publish(export_dir, "leaves") == 6
+    assert (single.root / ".last-version").read_text() == "6\n"
+    assert single.versions("leaves") == repository.versions("apple") == [1, 2, 6]
+    assert (single.models(), repository.models()) == (["leaves"], ["apple"])
+    for version in (1, 2, 6):
+        shutil.rmtree(single.version_dir("leaves", version))
+    assert (single.models(), single.versions("leaves")) == ([], [])
+    assert type(open_repository(single.root, "leaves")) is SingleModelRepository
+    assert ModelRepository(single.root).models() == [], "the mark is no model of a repository"
+    assert single.publish(export_dir, "leaves") == 7
+
+
+def test_a_single_model_folder_without_the_mark_keeps_working(repository, export_dir):
+    repository.publish(export_dir, "apple")
+    repository.publish(export_dir, "apple")
+    single = SingleModelRepository(repository.root / "apple", "apple")
+    (single.root / ".last-version").unlink()  # as a folder published before the mark
+    assert (single.versions("apple"), single.resolve("apple")) == ([1, 2], 2)
+    assert single.publish(export_dir, "apple") == 3
+    assert (single.root / ".last-version").read_text() == "3\n"
+
+
 def test_a_new_single_model_folder_is_created_on_first_publish(tmp_path, export_dir):
     single = SingleModelRepository(tmp_path / "mnt" / "models", "apple")
     assert single.models() == []
@@ -95,6 +126,7 @@ def test_a_new_single_model_folder_is_created_on_first_publish(tmp_path, export_
         single.resolve("apple")
     assert single.publish(export_dir, "apple") == 1
     assert (tmp_path / "mnt" / "models" / "1" / "graft.json").is_file()
+    assert (tmp_path / "mnt" / "models" / ".last-version").read_text() == "1\n"
     assert single.models() == ["apple"]
 
 
@@ -144,6 +176,7 @@ def test_one_versions_files_at_the_root_are_served_read_only_as_that_version(
     assert sorted(p.name for p in flat.iterdir()) == sorted(
         p.name for p in repository.version_dir("apple", 2).iterdir()
     ), "nothing may be written into a read-only mount"
+    assert not (flat / ".last-version").exists()
     (flat / "saved_model.pb").write_bytes(b"tampered")
     with pytest.raises(ManifestError, match="changed"):
         single.verify("leaves", 2)

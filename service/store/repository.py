@@ -9,12 +9,24 @@ while holding the lock belongs to a dead publisher and is removed. Pushes unpack
 upload in ROOT/.scratch/<uuid>, each owned through a flock on ROOT/.scratch/<uuid>.lock, so the
 leftovers of a killed push are found (their lock is free) and removed by the next one.
 
+A version number is never reused, even after its folder is deleted: the gateway caches metadata
+per (name, version) and the version manager matches its previous model by number, so a number
+clients know must keep meaning the same model. ROOT/<name>/.last-version (a dot name: no model,
+no version) records the highest number ever handed out. Publish numbers the new version
+max(mark, newest folder) + 1 and writes the mark durably (write_durably: a torn mark is never
+seen) under the lock, before the rename: a kill -9 in between skips a number, never reuses one.
+A repository made before the mark existed has none and is numbered from its folders; the next
+publish writes it. A mark that is unreadable or not a version number is also read as absent,
+with a warning naming it (numbers above the newest folder may then come round again, which is
+what the warning says), and the next publish replaces it.
+
 No TensorFlow here: this module runs in light processes (the CLI, the poller, kill -9 tests).
 """
 
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -33,9 +45,12 @@ _VERSION_PATTERN = re.compile(r"^[1-9][0-9]{0,17}$")
 STAGING_PREFIX = ".staging-"
 POLICY_FILE = "policy.json"
 LOCK_FILE = ".lock"
+LAST_VERSION_FILE = ".last-version"  # the high-water mark; neither a model nor a version name
 SCRATCH_DIR = ".scratch"  # not a model name: NAME_PATTERN refuses the dot
 _CHUNK = 1 << 20
 _SHOWN_NAME = 80  # of an invalid name, in the error: a request may send megabytes
+
+logger = logging.getLogger("graft.store")
 
 
 class RepositoryError(GraftError):
@@ -149,6 +164,7 @@ class ModelRepository:
         model_dir = self._model_dir(name, create=True)
         with self._locked(model_dir):
             version = max(_version_numbers(model_dir), default=0) + 1
+            version = max(version, _last_version(model_dir) + 1)
             staging = model_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
             try:
                 files = _copy_tree(source, staging)
@@ -157,6 +173,9 @@ class ModelRepository:
                 )
                 manifest.write(staging)
                 verify_dir(staging, name=name, version=version)
+                # Last before the rename, so a refused export costs no number; a crash between
+                # the two skips `version`, and nothing can reuse it.
+                write_durably(model_dir / LAST_VERSION_FILE, f"{version}\n".encode())
                 os.rename(staging, model_dir / str(version))
                 fsync_dir(model_dir)
             except BaseException:
@@ -235,7 +254,8 @@ def validate_version(version: object) -> int:
 
 
 def _version_numbers(model_dir: Path) -> list[int]:
-    """Every integer-named folder, complete or not (so a new version never reuses a number)."""
+    """Every integer-named folder, complete or not (so a new version never reuses a number;
+    the mark in LAST_VERSION_FILE covers the folders deleted since)."""
     if not model_dir.is_dir():
         return []
     return [
@@ -243,6 +263,27 @@ def _version_numbers(model_dir: Path) -> list[int]:
         for e in os.scandir(model_dir)
         if _VERSION_PATTERN.match(e.name) and e.is_dir(follow_symlinks=False)
     ]
+
+
+def _last_version(model_dir: Path) -> int:
+    """The high-water mark: the highest version number ever handed out, 0 when unrecorded."""
+    path = model_dir / LAST_VERSION_FILE
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:  # a repository made before the mark, or a new model
+        return 0
+    except (OSError, ValueError) as exc:  # unreadable, or not ASCII
+        text = f"<{type(exc).__name__}>"
+    if _VERSION_PATTERN.match(text):
+        return int(text)
+    logger.warning(
+        "%s is not a version number (%.40r); numbering from the version folders instead, so a "
+        "deleted version above the newest folder may get its number again. The next publish "
+        "rewrites it.",
+        path,
+        text,
+    )
+    return 0
 
 
 def _listing(versions: list[int]) -> str:

@@ -5,10 +5,11 @@ InferenceService (decision 42). `open_repository(root, name)` gives the serving 
 `ModelRepository` whose only model is `name` and whose model folder is ROOT itself:
 
     ROOT/<version>/   saved_model.pb  variables/  assets/labels.txt  graft.json
-    ROOT/policy.json  ROOT/.lock  ROOT/.staging-*  ROOT/.scratch/
+    ROOT/policy.json  ROOT/.last-version  ROOT/.lock  ROOT/.staging-*  ROOT/.scratch/
 
 That is exactly what MODEL_ROOT/<model>/ holds in the multi-model layout, so a single-model
-view of `models/apple` and the multi-model view of `models` share versions, pin and lock:
+view of `models/apple` and the multi-model view of `models` share versions, pin, lock and the
+high-water mark that keeps a deleted version's number from being handed out again:
 publishing, pinning and the staging clean-up keep every guarantee of `ModelRepository`, and the
 retrain job can publish into the repository while a KServe pod serves `models/apple`.
 
