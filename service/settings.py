@@ -42,6 +42,11 @@ class GraftSettings(BaseSettings):
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="Read from the image header; larger images are refused."
     )
+    max_request_pixels: int = Field(
+        160_000_000,
+        ge=1,
+        description="Pixels of all the images of one request together (413 beyond).",
+    )
     request_timeout_s: float = Field(30.0, gt=0, description="Per-request deadline (504).")
     push_check_timeout_s: float = Field(
         300.0,

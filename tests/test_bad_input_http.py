@@ -499,6 +499,13 @@ def test_grpc_tf_serving_predict_bad_input(
     assert len(caught.value.details()) > 15
 
 
+def test_images_over_the_request_pixel_budget_are_413(http: httpx.Client) -> None:
+    """Five 36-megapixel images: each under the per-image limit, 180 MP together."""
+    big = encode(Image.new("RGB", (6000, 6000), (200, 30, 30)), "PNG")
+    message = assert_error(upload(http, *[big] * 5), 413, "payload_too_large")
+    assert "GRAFT_MAX_REQUEST_PIXELS" in message
+
+
 def _tf_serving_call(server: RunningServer, method: str, request: object) -> grpc.RpcError:
     from tensorflow_serving.apis import prediction_service_pb2_grpc
 

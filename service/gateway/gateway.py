@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from service.errors import BadRequest, GraftError, ModelNotFound, NotReady
+from service.errors import BadRequest, GraftError, ModelNotFound, NotReady, PayloadTooLarge
 from service.gateway.admission import Admission
 from service.gateway.backend_calls import call_backend
 from service.gateway.management import Management
@@ -148,7 +148,9 @@ class Gateway:
 
     async def _predict(self, request: InferenceRequest) -> Prediction:
         name = validate_name(request.model)
-        checked = replace(request, images=self._validated(request.images))
+        self.check_image_count(len(request.images))
+        images = await asyncio.to_thread(self._validated, request.images)
+        checked = replace(request, images=images)
         resolved = request.version if request.version is not None else self._active_version(name)
         with self._admission.admitted(len(checked.images)):
             results = await self._infer(replace(checked, version=resolved))
@@ -177,9 +179,20 @@ class Gateway:
             )
 
     def _validated(self, images: list[bytes]) -> list[bytes]:
-        self.check_image_count(len(images))
-        pixels = self._settings.max_image_pixels
-        return [check_image(data, max_pixels=pixels, index=i).data for i, data in enumerate(images)]
+        """Every image checked (header, structure, EXIF), in a worker thread: it costs CPU."""
+        limit, budget = self._settings.max_image_pixels, self._settings.max_request_pixels
+        checked, total = [], 0
+        for index, data in enumerate(images):
+            image = check_image(data, max_pixels=limit, index=index)
+            total += image.width * image.height
+            if total > budget:
+                raise PayloadTooLarge(
+                    f"images 0-{index} of the request hold {total} pixels; the limit per request "
+                    f"is {budget} (GRAFT_MAX_REQUEST_PIXELS): send fewer or smaller images per "
+                    "request"
+                )
+            checked.append(image.data)
+        return checked
 
     async def _infer(self, request: InferenceRequest) -> list[InferResult]:
         now = time.time()
