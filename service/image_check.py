@@ -2,11 +2,11 @@
 
 Every upload passes `check_image` in the entry service. It sniffs the format from magic bytes
 (never from a file name or content type), reads width and height from the header only and
-refuses images over `max_image_pixels`, so a decompression bomb costs a few header bytes. It
-then runs one cheap structural check per format so truncated and corrupted files get a clear
-400 here instead of a decoder error deep in a batch. The SavedModel's own decoder stays the
-last line of defence: anything that slips through fails there and the inference service must
-turn that into a per-image 400 as well.
+refuses images over `max_image_pixels`, so a decompression bomb costs a few header bytes (for a
+GIF: every frame's header, see `_check_gif_frames`). It then runs one cheap structural check per
+format so truncated and corrupted files get a clear 400 here instead of a decoder error deep in
+a batch. The SavedModel's own decoder stays the last line of defence: anything that slips
+through fails there and the inference service must turn that into a per-image 400 as well.
 
 Pixels are decoded here in two rare cases only, both bounded by the pixel limit:
 - a JPEG with an EXIF orientation other than 1: TensorFlow's decoder ignores EXIF, so a phone
@@ -83,6 +83,26 @@ _UPRIGHT = {
 _ORIENTATION_TAG = 0x0112
 _DRAFT_MIN_SIDE = 1024
 
+# TensorFlow's GIF decoder (giflib's DGifSlurp) reads every frame before it returns the first,
+# even with expand_animations=False. Measured with tf.io.decode_image on hand-built GIFs: its
+# output is (tallest frame's height) x (widest frame's width), whatever the logical screen says
+# and wherever the frames sit (a 1x1 GIF with a 2000x2000 second frame decodes to 2000x2000x3;
+# a 2000x1 frame plus a 1x2000 frame also decode to 2000x2000x3), and it holds every frame's
+# raster at once, 1 byte a pixel (100 frames of 2000x2000 took ~380 MB). The model only ever
+# sees the first frame.
+# Frame count cap: each frame costs giflib an allocation and this check a loop turn whatever its
+# size, and 1000 frames is over 30 s of animation at 30 fps, far more than a photo upload needs.
+_GIF_MAX_FRAMES = 1000
+# All frames together may hold this many times max_pixels (at 40 MP: 160 MB of giflib rasters,
+# about what decoding the largest allowed still image costs), else a 16 MiB upload of ~500
+# well-compressed 40 MP frames would make the decoder hold 20 GB.
+_GIF_FRAME_PIXEL_BUDGET = 4
+# Data sub-blocks (a size byte, then up to 255 bytes): every encoder writes pixel data in
+# 255-byte sub-blocks, so 250 000 of them is over 60 MB of data, while a crafted file of 1-byte
+# sub-blocks would cost this walk a loop turn per 2 bytes (~2.4 s for 16 MiB) and giflib an
+# allocation per extension sub-block. Bounds the walk to ~0.1 s.
+_GIF_MAX_SUB_BLOCKS = 250_000
+
 
 @dataclass(frozen=True)
 class CheckedImage:
@@ -157,6 +177,8 @@ def check_image(data: bytes, *, max_pixels: int, index: int = 0) -> CheckedImage
 
 
 def _check_known_format(data: bytes, fmt: str, *, max_pixels: int, where: str) -> CheckedImage:
+    if fmt == "gif":
+        _check_gif_frames(data, max_pixels=max_pixels, where=where)
     with Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[fmt]]) as image:
         width, height = image.size
         _check_size(width, height, max_pixels=max_pixels, where=where)
@@ -165,7 +187,7 @@ def _check_known_format(data: bytes, fmt: str, *, max_pixels: int, where: str) -
         if fmt == "png":
             image.verify()  # walks every chunk checking its CRC; does not inflate pixels
         elif fmt == "gif":
-            image.load()  # first frame only: the one the model sees
+            image.load()  # first frame (the one the model sees) on Pillow's canvas
         elif not _bmp_is_native(data):
             return _reencode(image, fmt, reason="bmp variant TensorFlow cannot decode")
     return CheckedImage(data, fmt, width, height)
@@ -179,6 +201,121 @@ def _check_size(width: int, height: int, *, max_pixels: int, where: str) -> None
             f"{where} is {width}x{height} = {width * height / 1e6:.1f} megapixels, over the "
             f"{max_pixels / 1e6:g} megapixel limit (GRAFT_MAX_IMAGE_PIXELS); downscale it first."
         )
+
+
+def _check_gif_frames(data: bytes, *, max_pixels: int, where: str) -> None:
+    """Walk a GIF's blocks from the bytes, decoding nothing, and refuse it unless every frame,
+    the output TensorFlow's decoder sizes from all of them, and all their rasters together fit
+    the pixel limit (see `_GIF_MAX_FRAMES`).
+
+    One loop turn per block and per data sub-block, both capped (`_GIF_MAX_FRAMES`,
+    `_GIF_MAX_SUB_BLOCKS`), so a crafted file costs at most ~0.1 s. Frames are counted from 0.
+    A file that ends cleanly after a block without the trailer is accepted, as Pillow and
+    TensorFlow both decode it.
+    """
+    end = len(data)
+    if end < 13:
+        raise _gif_truncated(where, "its logical screen descriptor")
+    pos = 13 + (3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0)
+    if pos > end:
+        raise _gif_truncated(where, "its global colour table")
+    frames = 0
+    widest = tallest = (0, 0)  # (size, frame)
+    total = 0
+    sub_blocks = 0
+    while pos < end:
+        kind = data[pos]
+        if kind == 0x3B:  # trailer; anything after it is ignored by every decoder
+            break
+        if kind == 0x21:  # extension: label byte, then sub-blocks
+            if pos + 2 > end:
+                raise _gif_truncated(where, f"an extension block at byte {pos}")
+            pos, sub_blocks = _skip_gif_sub_blocks(data, pos + 2, sub_blocks, where=where)
+        elif kind == 0x2C:  # image descriptor: left, top, width, height, flags
+            if frames == _GIF_MAX_FRAMES:
+                raise InvalidImage(
+                    f"{where} is a GIF with more than {_GIF_MAX_FRAMES} frames; graft classifies "
+                    "the first frame only: send that frame as a PNG or a still GIF."
+                )
+            if pos + 10 > end:
+                raise _gif_truncated(where, f"the image descriptor of frame {frames}")
+            width, height = struct.unpack_from("<HH", data, pos + 5)
+            flags = data[pos + 9]
+            _check_gif_frame(frames, width, height, max_pixels=max_pixels, where=where)
+            if width > widest[0]:
+                widest = (width, frames)
+            if height > tallest[0]:
+                tallest = (height, frames)
+            if widest[0] * tallest[0] > max_pixels:
+                raise ImageTooLarge(
+                    f"{where} is a GIF that TensorFlow's decoder would decode to "
+                    f"{widest[0]}x{tallest[0]} = {widest[0] * tallest[0] / 1e6:.1f} megapixels "
+                    f"(its widest frame is frame {widest[1]}, its tallest frame {tallest[1]}), "
+                    f"over the {max_pixels / 1e6:g} megapixel limit (GRAFT_MAX_IMAGE_PIXELS); "
+                    "send the first frame as a PNG or downscale every frame."
+                )
+            total += width * height
+            if total > _GIF_FRAME_PIXEL_BUDGET * max_pixels:
+                raise ImageTooLarge(
+                    f"{where} is a GIF whose first {frames + 1} frames hold {total / 1e6:.1f} "
+                    f"megapixels together, over {_GIF_FRAME_PIXEL_BUDGET} times the "
+                    f"{max_pixels / 1e6:g} megapixel limit (GRAFT_MAX_IMAGE_PIXELS) that the "
+                    "decoder holds at once; graft classifies the first frame only: send that "
+                    "frame as a PNG or a still GIF."
+                )
+            pos += 10 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+            if pos + 1 > end:  # local colour table, then the LZW minimum code size byte
+                raise _gif_truncated(where, f"the colour table of frame {frames}")
+            pos, sub_blocks = _skip_gif_sub_blocks(data, pos + 1, sub_blocks, where=where)
+            frames += 1
+        else:
+            raise InvalidImage(
+                f"{where} is a damaged GIF (byte {pos} is 0x{kind:02x}, not a frame, an "
+                "extension or the trailer); re-export or re-upload the file."
+            )
+    if frames == 0:
+        raise _gif_truncated(where, "its header: it has no frame")
+
+
+def _check_gif_frame(frame: int, width: int, height: int, *, max_pixels: int, where: str) -> None:
+    if width < 1 or height < 1:
+        raise InvalidImage(
+            f"{where} is a damaged GIF: frame {frame} is {width}x{height} and has no pixels; "
+            "re-export or re-upload the file."
+        )
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"{where} is a GIF whose frame {frame} is {width}x{height} = "
+            f"{width * height / 1e6:.1f} megapixels, over the {max_pixels / 1e6:g} megapixel "
+            "limit (GRAFT_MAX_IMAGE_PIXELS); TensorFlow's decoder sizes its output from the "
+            "largest frame: send the first frame as a PNG or downscale every frame."
+        )
+
+
+def _skip_gif_sub_blocks(data: bytes, pos: int, count: int, *, where: str) -> tuple[int, int]:
+    """Position after the sub-blocks starting at `pos` (a size byte, then that many bytes,
+    until a size of 0), and `count` plus how many there were."""
+    end = len(data)
+    while pos < end:
+        size = data[pos]
+        pos += 1 + size
+        count += 1
+        if size == 0:
+            return pos, count
+        if count > _GIF_MAX_SUB_BLOCKS:
+            raise InvalidImage(
+                f"{where} is a GIF split into over {_GIF_MAX_SUB_BLOCKS} data sub-blocks, far "
+                "more than any encoder writes (they use 255-byte sub-blocks); re-export the "
+                "file or send it as PNG."
+            )
+    raise _gif_truncated(where, f"the data sub-blocks ending at byte {end}")
+
+
+def _gif_truncated(where: str, inside: str) -> InvalidImage:
+    return InvalidImage(
+        f"{where} is a truncated GIF (it ends inside {inside}); the upload was probably cut "
+        "short: send the whole file."
+    )
 
 
 def _check_jpeg(data: bytes, image: Image.Image, *, where: str) -> CheckedImage:

@@ -10,7 +10,15 @@ import tensorflow as tf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from support.bad_images import INVALID, ODD_VALID, exif_rotated_jpeg, photo, png_bomb
+from support.bad_images import (
+    INVALID,
+    ODD_VALID,
+    animated_gif,
+    exif_rotated_jpeg,
+    gif_frames,
+    photo,
+    png_bomb,
+)
 from support.images import encode
 
 from service.errors import GraftError, ImageTooLarge, InvalidImage, UnsupportedMediaType
@@ -150,6 +158,117 @@ def test_pixel_limit_is_inclusive() -> None:
         check_image(data, max_pixels=199)
 
 
+# --- GIF: TensorFlow's decoder reads every frame, so every frame header is checked -------------
+
+
+def test_tensorflow_sizes_a_gif_from_its_widest_and_tallest_frames_not_the_canvas() -> None:
+    """Why the check reads every frame: measured, not assumed."""
+    data = gif_frames((1, 1), [(1, 1), (30, 1), (1, 20)], real_pixels=True)
+    assert Image.open(io.BytesIO(data)).size == (1, 1)  # what the old first-frame check saw
+    assert decode_rgb(tf.constant(data)).numpy().shape == (20, 30, 3)
+    assert check_image(data, max_pixels=600).width == 1
+    with pytest.raises(ImageTooLarge, match=r"decode to 30x20 .*widest frame is frame 1.*tallest"):
+        check_image(data, max_pixels=599)
+
+
+def test_1x1_gif_with_a_huge_second_frame_is_refused_before_decoding() -> None:
+    bomb = gif_frames((1, 1), [(1, 1), (30_000, 30_000)])
+    started = time.perf_counter()
+    with pytest.raises(ImageTooLarge, match=r"^image 2 .*frame 1 is 30000x30000 = 900\.0 megap"):
+        check_image(bomb, max_pixels=LIMIT, index=2)
+    assert time.perf_counter() - started < 0.5
+    with pytest.raises(ImageTooLarge) as caught:
+        check_image(bomb, max_pixels=LIMIT)
+    assert (caught.value.code, caught.value.http_status) == ("image_too_large", 400)
+
+
+def test_gif_frames_each_under_the_limit_but_together_over_it_are_refused() -> None:
+    # Each frame is 8000 pixels; TensorFlow would allocate 8000x8000.
+    with pytest.raises(ImageTooLarge, match=r"8000x8000 = 64\.0 megapixels"):
+        check_image(gif_frames((1, 1), [(1, 1), (8000, 1), (1, 8000)]), max_pixels=LIMIT)
+
+
+def test_gif_frames_holding_too_many_pixels_in_total_are_refused() -> None:
+    # giflib holds every frame's raster at once: 4 x max_pixels in all is the budget.
+    ok = gif_frames((10, 10), [(10, 10)] * 4, real_pixels=True)
+    assert check_image(ok, max_pixels=100).data is ok
+    with pytest.raises(ImageTooLarge, match=r"first 5 frames hold .*first frame only"):
+        check_image(gif_frames((10, 10), [(10, 10)] * 5, real_pixels=True), max_pixels=100)
+
+
+def test_gif_with_more_frames_than_the_cap_is_refused() -> None:
+    at_cap = gif_frames((1, 1), [(1, 1)] * 1000)
+    assert check_image(at_cap, max_pixels=LIMIT).data is at_cap
+    with pytest.raises(InvalidImage, match=r"more than 1000 frames.*send that frame as a PNG"):
+        check_image(gif_frames((1, 1), [(1, 1)] * 1001), max_pixels=LIMIT)
+
+
+def test_ordinary_animated_gifs_pass_untouched() -> None:
+    frames = [photo(48, 64, seed=s).convert("P") for s in range(5)]
+    made = encode(
+        frames[0],
+        "GIF",
+        save_all=True,
+        append_images=frames[1:],
+        duration=80,
+        loop=0,
+        comment=b"made by Pillow",
+        transparency=0,
+        disposal=2,
+    )
+    for data in (made, animated_gif()):
+        assert Image.open(io.BytesIO(data)).n_frames > 1
+        checked = check_image(data, max_pixels=LIMIT)
+        assert checked.data is data and (checked.width, checked.height) == (64, 48)
+        assert decode_rgb(tf.constant(checked.data)).numpy().shape == (48, 64, 3)
+
+
+def test_gif_truncated_inside_a_frame_descriptor_is_a_clear_400() -> None:
+    data = animated_gif()
+    second = data.index(b"\x2c", data.index(b"\x2c") + 1)
+    while data[second - 1] != 0:  # the real descriptor follows the first frame's terminator
+        second = data.index(b"\x2c", second + 1)
+    with pytest.raises(InvalidImage, match=r"truncated GIF .*image descriptor of frame 1.*whole"):
+        check_image(data[: second + 6], max_pixels=LIMIT)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"GIF89a\x01\x00\x01", "logical screen descriptor"),
+        (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00", "global colour table"),
+        (gif_frames((1, 1), [])[:-1] + b"\x21\xf9\x04\x00\x00", "data sub-blocks"),
+        (gif_frames((1, 1), []), "no frame"),
+        (gif_frames((1, 1), [(1, 1)])[:-2], "data sub-blocks"),
+    ],
+    ids=["screen", "colour-table", "extension", "no-frame", "frame-data"],
+)
+def test_truncated_gif_headers_say_where_they_end(data: bytes, message: str) -> None:
+    with pytest.raises(InvalidImage, match=rf"^image 0 is a truncated GIF .*{message}"):
+        check_image(data, max_pixels=LIMIT)
+
+
+def test_damaged_gif_blocks_are_refused_with_a_clear_400() -> None:
+    junk = gif_frames((1, 1), [(1, 1)])[:-1] + b"\x00" + gif_frames((1, 1), [(1, 1)])[13 + 12 :]
+    with pytest.raises(InvalidImage, match=r"damaged GIF \(byte \d+ is 0x00"):
+        check_image(junk, max_pixels=LIMIT)
+    with pytest.raises(InvalidImage, match=r"frame 1 is 0x5 and has no pixels"):
+        check_image(gif_frames((1, 1), [(1, 1), (0, 5)]), max_pixels=LIMIT)
+    # Without the trailer, both Pillow and TensorFlow decode it: so does graft.
+    untrailed = gif_frames((1, 1), [(1, 1)])[:-1]
+    assert check_image(untrailed, max_pixels=LIMIT).data is untrailed
+
+
+def test_gif_made_of_tiny_sub_blocks_is_refused_quickly() -> None:
+    # 16 MiB of 1-byte data sub-blocks: legal syntax no encoder writes, a loop turn each.
+    head = gif_frames((1, 1), [])[:-1] + b"\x2c" + bytes(4) + b"\x01\x00\x01\x00\x00\x02"
+    data = head + b"\x01\x4c" * (8 * 2**20) + b"\x00\x3b"
+    started = time.perf_counter()
+    with pytest.raises(InvalidImage, match=r"over 250000 data sub-blocks"):
+        check_image(data, max_pixels=LIMIT)
+    assert time.perf_counter() - started < 2.0
+
+
 def check_images(images: list[bytes], *, max_pixels: int) -> list[CheckedImage]:
     """What the gateway does with a request's images: each checked with its position."""
     return [check_image(data, max_pixels=max_pixels, index=i) for i, data in enumerate(images)]
@@ -172,6 +291,14 @@ def test_sniffing_ignores_everything_but_the_bytes() -> None:
 
 SEEDS = [encode(photo(24, 20, seed=s), fmt) for s, fmt in enumerate(["PNG", "JPEG", "GIF", "BMP"])]
 SEEDS.append(exif_rotated_jpeg(photo(24, 20)))
+SEEDS.append(
+    encode(
+        photo(24, 20).convert("P"),
+        "GIF",
+        save_all=True,
+        append_images=[Image.new("P", (24, 20), 2)] * 2,
+    )
+)
 PREFIXES = [b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF89a", b"GIF87a", b"BM", b""]
 
 
@@ -231,3 +358,29 @@ def test_fuzz_forged_dimensions(seed: bytes, width: int, height: int) -> None:
     elif data.startswith(b"BM"):
         data[18:26] = (width % 2**31).to_bytes(4, "little") + (height % 2**31).to_bytes(4, "little")
     assert_only_client_errors(bytes(data))
+
+
+@FUZZ
+@given(
+    screen=st.tuples(st.integers(0, 65535), st.integers(0, 65535)),
+    frames=st.lists(st.tuples(st.integers(0, 65535), st.integers(0, 65535)), max_size=6),
+    cut=st.integers(0, 10**4),
+)
+def test_fuzz_gif_frame_descriptors(
+    screen: tuple[int, int], frames: list[tuple[int, int]], cut: int
+) -> None:
+    """Every frame header is attacker-controlled: whatever passes must fit TensorFlow's output
+    (widest x tallest frame) and each frame in the limit."""
+    whole = gif_frames(screen, frames)
+    data = whole[: cut % (len(whole) + 1)] or whole
+    limit = 4_000_000
+    try:
+        check_image(data, max_pixels=limit)
+    except GraftError as error:
+        assert 400 <= error.http_status < 500 and error.message
+    else:
+        assert frames and screen[0] * screen[1] <= limit
+        if data is not whole:
+            return
+        assert max(w for w, _ in frames) * max(h for _, h in frames) <= limit
+        assert all(w * h >= 1 for w, h in frames)

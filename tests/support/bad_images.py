@@ -127,3 +127,33 @@ INVALID: dict[str, tuple[Callable[[], bytes], int]] = {
     "bomb.png": (png_bomb, 400),
     "jpeg-magic-only.jpg": (lambda: b"\xff\xd8\xff", 400),
 }
+
+
+def gif_frames(
+    screen: tuple[int, int], frames: list[tuple[int, int]], *, real_pixels: bool = False
+) -> bytes:
+    """A GIF written byte by byte: a `screen` canvas with a 4-colour table, then one frame per
+    (width, height), each at offset 0,0 and in its own image descriptor.
+
+    The headers are what matters to `check_image`, which refuses hostile ones before decoding,
+    so by default every frame carries the same 1-pixel LZW stream (valid for a 1x1 frame only).
+    `real_pixels` gives each frame a full uniform LZW stream taken from a Pillow encode, so
+    TensorFlow and Pillow decode the file (keep those frames small).
+    """
+    flags = 0x80 | 0x70 | 1  # global colour table of 2**(1+1) entries
+    out = [b"GIF89a", struct.pack("<HHBBB", *screen, flags, 0, 0), bytes(range(12))]
+    for width, height in frames:
+        body = _gif_lzw(width, height) if real_pixels else b"\x02\x02\x4c\x01\x00"
+        out.append(b"\x2c" + struct.pack("<HHHHB", 0, 0, width, height, 0) + body)
+    out.append(b"\x3b")
+    return b"".join(out)
+
+
+def _gif_lzw(width: int, height: int) -> bytes:
+    """The LZW minimum code size and data sub-blocks of a uniform `width` x `height` frame."""
+    data = encode(Image.new("P", (width, height), 1), "GIF")
+    table = 3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0
+    start = 13 + table
+    assert data[start] == 0x2C and not data[start + 9] & 0x80, "unexpected Pillow GIF layout"
+    assert data.endswith(b"\x3b")
+    return data[start + 10 : -1]
