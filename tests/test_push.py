@@ -1,10 +1,16 @@
 """service.push on real tar.gz archives of real exports: what a push may contain, and that every
 refusal is a 422 naming the reason while the serving version stays untouched."""
 
+import gzip
 import io
+import json
 import shutil
+import struct
+import subprocess
+import sys
 import tarfile
 import threading
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -461,3 +467,143 @@ class _Zeros(io.RawIOBase):
         buffer[:count] = bytes(count)
         self._left -= count
         return count
+
+
+# -- tar extension headers (pax, GNU long names) ----------------------------------------------
+
+_GiB = 1024**3
+_EXTRACT_AND_MEASURE = """
+import io, json, resource, sys
+from pathlib import Path
+limit = 4 * 1024**3  # were the header read, the host's memory is not the test's to take
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+from service.errors import RejectedModel
+from service.push.archive import PushLimits, extract_archive
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    with open(sys.argv[1], "rb") as stream:
+        extract_archive(stream, Path(sys.argv[2]), PushLimits())
+    outcome = {"ok": True}
+except RejectedModel as error:
+    outcome = {"status": error.http_status, "message": error.message}
+except BaseException as error:
+    outcome = {"error": repr(error)[:200]}
+outcome["grew_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(json.dumps(outcome))
+"""
+
+
+def _deflated(data: bytes, final: bool = False) -> bytes:
+    """`data` as a self-contained raw deflate segment (a full flush resets the history), so
+    segments can be concatenated, and one segment of zeros repeated, into one stream."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return compressor.compress(data) + compressor.flush(
+        zlib.Z_FINISH if final else zlib.Z_FULL_FLUSH
+    )
+
+
+def _write_pax_bomb(path: Path, payload_size: int) -> None:
+    """A tar.gz whose first header is a pax header announcing `payload_size` bytes of zeros,
+    written to `path` without ever holding the payload in memory (6 GiB is ~6 MB gzipped)."""
+    pax = tarfile.TarInfo("././@PaxHeader")
+    pax.type, pax.size = tarfile.XHDTYPE, payload_size
+    head = pax.tobuf(format=tarfile.USTAR_FORMAT)
+    tail = b"".join(
+        info.tobuf(format=tarfile.USTAR_FORMAT) + payload + bytes(-len(payload) % 512)
+        for info, payload in [regular("graft.json", b"{}")]
+    ) + bytes(1024)
+    chunk = 16 * 1024 * 1024
+    assert payload_size % chunk == 0
+    zeros = bytes(chunk)
+    zeros_deflated = _deflated(zeros)
+    crc = zlib.crc32(head)
+    for _ in range(payload_size // chunk):
+        crc = zlib.crc32(zeros, crc)
+    crc = zlib.crc32(tail, crc)
+    size = len(head) + payload_size + len(tail)
+    with path.open("wb") as out:
+        out.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff")  # gzip header, no name or time
+        out.write(_deflated(head))
+        for _ in range(payload_size // chunk):
+            out.write(zeros_deflated)
+        out.write(_deflated(tail, final=True))
+        out.write(struct.pack("<II", crc, size & 0xFFFFFFFF))
+
+
+def _extract_in_subprocess(archive_path: Path, target: Path) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", _EXTRACT_AND_MEASURE, str(archive_path), str(target)],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_6_gib_pax_header_is_refused_without_reading_it_into_memory(tmp_path: Path) -> None:
+    """tarfile reads a pax header's whole payload into memory: 6 GiB of zeros, ~6 MB gzipped,
+    must be refused from its 512-byte header, with the extracting process staying small."""
+    bomb = tmp_path / "pax-bomb.tar.gz"
+    _write_pax_bomb(bomb, 6 * _GiB)
+    assert bomb.stat().st_size < 16 * 1024 * 1024
+    with gzip.open(bomb) as check:  # a well-formed gzip: the refusal is about the header
+        assert tarfile.TarInfo.frombuf(check.read(512), "utf-8", "strict").size == 6 * _GiB
+    outcome = _extract_in_subprocess(bomb, tmp_path / "export")
+    assert outcome.get("status") == 422, outcome
+    assert "pax header" in outcome["message"] and "64 KiB" in outcome["message"], outcome
+    assert outcome["grew_kib"] < 64 * 1024, outcome  # peak RSS grew by under 64 MiB
+
+
+def test_a_pax_header_is_refused_as_a_push(repository: ModelRepository) -> None:
+    pax = tarfile.TarInfo("././@PaxHeader")
+    pax.type, pax.size = tarfile.XHDTYPE, 1024 * 1024
+    data = pax.tobuf(format=tarfile.USTAR_FORMAT) + b"\x00" * pax.size + bytes(1024)
+    assert_rejected(gzip.compress(data), repository, r"1048576-byte tar pax header")
+
+
+def _long_name_chain(count: int, member: tuple[tarfile.TarInfo, bytes]) -> bytes:
+    """`count` GNU long-name headers (`././@LongLink`, type 'L') before one member."""
+    blocks = []
+    for index in range(count):
+        name = f"variables/long-{index}".encode() + b"\x00"
+        link = tarfile.TarInfo("././@LongLink")
+        link.type, link.size = tarfile.GNUTYPE_LONGNAME, len(name)
+        blocks.append(link.tobuf(format=tarfile.USTAR_FORMAT) + name + bytes(-len(name) % 512))
+    info, payload = member
+    blocks.append(info.tobuf(format=tarfile.USTAR_FORMAT) + payload + bytes(-len(payload) % 512))
+    return gzip.compress(b"".join(blocks) + bytes(1024))
+
+
+def test_chained_gnu_long_names_are_a_422_not_a_recursion_error(
+    repository: ModelRepository, tmp_path: Path
+) -> None:
+    data = _long_name_chain(1500, regular("graft.json", b"{}"))
+    assert_rejected(data, repository, r"more than 8 tar extension headers .* in a row")
+    with pytest.raises(RejectedModel, match="GNU long-name header"):
+        extract_archive(io.BytesIO(data), tmp_path / "streamed", LIMITS)
+
+
+def test_ordinary_extension_headers_still_push(
+    export_dir: Path, repository: ModelRepository
+) -> None:
+    """What real tars write: a pax header per member (pack_export, for float mtimes), GNU
+    long names (`tar --format=gnu`), and a pax global header."""
+    assert push(pack_export(export_dir), repository) == 1
+    gnu = io.BytesIO()
+    with tarfile.open(fileobj=gnu, mode="w:gz", format=tarfile.GNU_FORMAT) as out:
+        for info, payload in export_members(export_dir, "./" + "e" * 120 + "/"):
+            out.addfile(info, io.BytesIO(payload))
+    assert push(gnu.getvalue(), repository) == 2
+    pax = io.BytesIO()
+    with tarfile.open(
+        fileobj=pax, mode="w:gz", format=tarfile.PAX_FORMAT, pax_headers={"comment": "graft"}
+    ) as out:
+        for info, payload in export_members(export_dir, "export-é/"):
+            info.mtime = 1.5
+            out.addfile(info, io.BytesIO(payload))
+    assert push(pax.getvalue(), repository) == 3
+
+
+def test_an_old_gnu_sparse_member_is_refused(repository: ModelRepository) -> None:
+    info = tarfile.TarInfo("variables/variables.data-00000-of-00001")
+    info.type = tarfile.GNUTYPE_SPARSE
+    assert_rejected(tar_gz([(info, None)]), repository, "sparse file")

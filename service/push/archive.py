@@ -3,8 +3,12 @@
 gzip only; compressed size, member count and total uncompressed size are capped while
 streaming (a gzip bomb stops at the cap). Each member is checked before a byte of it is
 written: no absolute paths, no `..`, no links, devices or fifos, no duplicates, and only the
-SavedModel layout below. Files are written by this module (O_EXCL | O_NOFOLLOW, mode 0644),
-never by `tarfile.extract`, so no tar metadata (owners, modes, times) is trusted.
+SavedModel layout below. Tar's own extension headers are bounded before tarfile reads them:
+a pax or GNU long-name/long-link header over 64 KiB, more than 8 of them in a row, or an old
+GNU sparse header is refused from its 512-byte header block (tarfile would otherwise read a
+pax header of any size into memory, and recurse once per chained header). Files are written
+by this module (O_EXCL | O_NOFOLLOW, mode 0644), never by `tarfile.extract`, so no tar
+metadata (owners, modes, times) is trusted.
 
 Layout (what `training.export.export_model` writes), at the archive root or under one folder:
     saved_model.pb  fingerprint.pb  graft.json  assets/labels.txt
@@ -35,6 +39,17 @@ _ALLOWED_FILES = re.compile(
     r"|variables/variables\.data-[0-9]{5}-of-[0-9]{5})$"
 )
 _CHUNK = MiB
+# Headers that describe the next member rather than being one; tarfile reads each one's whole
+# payload into memory and then recurses for the next header.
+_EXTENSION_TYPES = {
+    tarfile.XHDTYPE: "pax",
+    tarfile.SOLARIS_XHDTYPE: "pax",
+    tarfile.XGLTYPE: "pax global",
+    tarfile.GNUTYPE_LONGNAME: "GNU long-name",
+    tarfile.GNUTYPE_LONGLINK: "GNU long-link",
+}
+_MAX_EXTENSION_BYTES = 64 * 1024  # a graft export's names and pax records are short
+_MAX_EXTENSION_CHAIN = 8  # pax global + pax + long name + long link is 4
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _LAYOUT_HINT = (
     "a push holds only saved_model.pb, fingerprint.pb, graft.json, assets/labels.txt and "
@@ -62,17 +77,53 @@ def extract_archive(stream: BinaryIO, target: Path, limits: PushLimits) -> None:
     target.mkdir(parents=True)
     counted = _CappedReader(stream, limits.max_compressed_bytes)
     try:
-        with tarfile.open(fileobj=counted, mode="r|gz") as archive:
+        with tarfile.open(fileobj=counted, mode="r|gz", tarinfo=_guarded_tarinfo()) as archive:
             _extract_members(archive, target, limits)
     except GraftError:
         raise
-    except (tarfile.TarError, EOFError, zlib.error, OSError, UnicodeError) as error:
+    # ValueError: tarfile's parsers raise it on malformed numbers (e.g. a GNU sparse map).
+    except (tarfile.TarError, EOFError, zlib.error, OSError, UnicodeError, ValueError) as error:
         if isinstance(error, OSError) and error.errno in DISK_FULL:
             raise  # our disk, not the caller's archive
         raise RejectedModel(
             f"the upload is not a valid tar.gz ({error}); make one with "
             "`tar -C EXPORT_DIR -czf model.tar.gz .`"
         ) from None
+
+
+def _guarded_tarinfo() -> type[tarfile.TarInfo]:
+    """A TarInfo class for one extraction whose `frombuf` (which tarfile calls on every raw
+    512-byte header, before it reads what the header announces) refuses oversized or chained
+    extension headers. Its chain count is per extraction, so concurrent pushes don't share it."""
+    chain = 0
+
+    class GuardedTarInfo(tarfile.TarInfo):
+        @classmethod
+        def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
+            nonlocal chain
+            info = super().frombuf(buf, encoding, errors)
+            if info.type == tarfile.GNUTYPE_SPARSE:  # its extension blocks are read unbounded
+                raise RejectedModel(f"{info.name!r} is a sparse file; refused")
+            if info.type not in _EXTENSION_TYPES:
+                chain = 0
+                return info
+            chain += 1
+            kind = _EXTENSION_TYPES[info.type]
+            if info.size > _MAX_EXTENSION_BYTES:
+                raise RejectedModel(
+                    f"the archive has a {info.size}-byte tar {kind} header (the limit is "
+                    f"{_MAX_EXTENSION_BYTES // 1024} KiB); make the archive with "
+                    "`tar -C EXPORT_DIR -czf model.tar.gz .`"
+                )
+            if chain > _MAX_EXTENSION_CHAIN:
+                raise RejectedModel(
+                    f"the archive has more than {_MAX_EXTENSION_CHAIN} tar extension headers "
+                    f"(pax or GNU long-name) in a row, the latest a {kind} header; a valid "
+                    "archive has at most a few before each member"
+                )
+            return info
+
+    return GuardedTarInfo
 
 
 def pack_export(export_dir: Path) -> bytes:
