@@ -67,6 +67,27 @@ def test_one_undecodable_image_fails_alone_and_the_rest_of_the_batch_is_answered
     assert good.shape == (len(COLOURS),) and good.sum() == pytest.approx(1.0, abs=1e-4)
 
 
+def test_one_bad_image_in_a_batch_costs_a_few_calls_not_one_per_image(
+    repository: ModelRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manager = VersionManager(repository, poll_interval_s=60)
+    manager.poll_once()
+    calls: list[int] = []
+    predict = LoadedModel.predict
+
+    def counted(model: LoadedModel, images: list[bytes]) -> np.ndarray:
+        calls.append(len(images))
+        return predict(model, images)
+
+    monkeypatch.setattr(LoadedModel, "predict", counted)
+    images = [tinted_photo(COLOURS[i % len(COLOURS)]) for i in range(16)]
+    images[11] = b"GIF89a but not really a gif"
+    results = run_batch(manager, _items(*images))
+    expected = [None if i == 11 else COLOURS[i % len(COLOURS)] for i in range(16)]
+    assert _labels(results) == expected
+    assert len(calls) <= 1 + 2 * 4, f"{len(calls)} model calls for one bad image in 16: {calls}"
+
+
 def test_a_batch_mixing_models_and_versions_is_grouped_correctly(
     repository: ModelRepository, colour_export: Path
 ) -> None:
