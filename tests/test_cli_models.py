@@ -195,4 +195,17 @@ def test_push_to_a_running_service_publishes_the_next_version(export_dir, tmp_pa
         assert_one_line_error(refused, "refused the push (401)")
         pushed = graft("push", export_dir, "--name", "flowers", "--url", srv.http, "--token", token)
         assert (pushed.returncode, pushed.stdout.strip()) == (0, "2"), pushed.stderr
-    assert ModelRepository(root).verify("flowers", 2).labels == LABELS
+        # From a file (a mounted secret): the token is on no command line.
+        secret = tmp_path / "token"
+        secret.write_text(token + "\n")
+        url = ("--url", srv.http)
+        from_file = graft("push", export_dir, "--name", "flowers", *url, "--token-file", secret)
+        assert (from_file.returncode, from_file.stdout.strip()) == (0, "3"), from_file.stderr
+        both = graft(
+            "push", export_dir, "--name", "flowers", *url, "--token", token, "--token-file", secret
+        )
+        assert_one_line_error(both, "not both")
+        secret.write_text("")
+        empty = graft("push", export_dir, "--name", "flowers", *url, "--token-file", secret)
+        assert_one_line_error(empty, "is empty")
+    assert ModelRepository(root).verify("flowers", 3).labels == LABELS

@@ -56,6 +56,15 @@ def push(
         str | None,
         typer.Option("--token", envvar="GRAFT_ADMIN_TOKEN", help="The service's admin token."),
     ] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--token-file",
+            envvar="GRAFT_ADMIN_TOKEN_FILE",
+            help="A file holding the admin token (e.g. a mounted Kubernetes secret), so that it "
+            "appears in no command line or process list.",
+        ),
+    ] = None,
     timeout_s: Annotated[
         float,
         typer.Option(
@@ -74,6 +83,7 @@ def push(
     import httpx
 
     validate_name(name)
+    token = _admin_token(token, token_file)
     archive = push_archive(export_dir)
     headers = {"Content-Type": "application/gzip"}
     if token:
@@ -86,6 +96,17 @@ def push(
     if response.status_code != 201:
         fail(f"the service refused the push ({response.status_code}): {_server_message(response)}")
     typer.echo(response.json()["version"])
+
+
+def _admin_token(token: str | None, token_file: Path | None) -> str | None:
+    if token_file is None:
+        return token
+    if token:
+        fail("give the admin token with --token / GRAFT_ADMIN_TOKEN or --token-file, not both")
+    secret = token_file.read_text(encoding="utf-8").strip()  # OSError: one `error:` line
+    if not secret:
+        fail(f"{token_file} is empty; it must hold the service's admin token")
+    return secret
 
 
 def push_archive(export_dir: Path) -> bytes:
