@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support.exports import make_tiny_export
+from support.exports import make_tiny_export, raw_saved_model
 
 from service.errors import GraftError, RejectedModel
 from service.push.archive import PushLimits, extract_archive, pack_export
@@ -287,32 +287,6 @@ def test_oversized_manifest_is_refused_before_parsing(export_dir: Path, tmp_path
 
 
 # -- model-level refusals (TensorFlow) ----------------------------------------------------------
-
-
-def raw_saved_model(folder: Path, labels: list[str], outputs: Callable) -> Path:
-    """A SavedModel built by hand (not through export_model, which would refuse these), with
-    the labels file and a manifest, so only the model itself is wrong."""
-    import tensorflow as tf
-
-    class Module(tf.Module):
-        def __init__(self) -> None:
-            self.bias = tf.Variable(0.0)
-
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
-        def serve(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
-            probabilities = outputs(images) + self.bias
-            return {
-                "probabilities": probabilities,
-                "label": tf.gather(tf.constant(labels), tf.argmax(probabilities, axis=-1)),
-                "score": tf.reduce_max(probabilities, axis=-1),
-            }
-
-    module = Module()
-    tf.saved_model.save(module, str(folder), signatures={"serving_default": module.serve})
-    (folder / "assets").mkdir(exist_ok=True)
-    (folder / "assets/labels.txt").write_text("".join(f"{label}\n" for label in labels))
-    Manifest(backbone="raw", image_size=8, labels=labels, files=hash_tree(folder)).write(folder)
-    return folder
 
 
 def _rows(images, values):  # inside a tf.function: tensors in, tensor out
