@@ -2,10 +2,12 @@
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.units import MiB
+
+MIN_ADMIN_TOKEN_CHARS = 16  # a guessable token is no boundary for pushing code
 
 
 class GraftSettings(BaseSettings):
@@ -81,6 +83,18 @@ class GraftSettings(BaseSettings):
             )
         self.default_model = self.model_name
         return self
+
+    @field_validator("admin_token")
+    @classmethod
+    def _token_long_enough(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is None or token.get_secret_value() == "":
+            return None  # an empty GRAFT_ADMIN_TOKEN is unset: management stays off
+        if len(token.get_secret_value()) < MIN_ADMIN_TOKEN_CHARS:
+            raise ValueError(
+                f"GRAFT_ADMIN_TOKEN has {len(token.get_secret_value())} characters; use at least "
+                f"{MIN_ADMIN_TOKEN_CHARS} random ones, e.g. `openssl rand -hex 16`"
+            )
+        return token
 
     @model_validator(mode="after")
     def _requests_fit_the_queue(self) -> "GraftSettings":

@@ -189,7 +189,7 @@ def test_push_to_a_running_service_publishes_the_next_version(export_dir, tmp_pa
 
     root = tmp_path / "models"
     ModelRepository(root).publish(export_dir, "flowers")
-    token = "push-test-token"
+    token = "push-test-token-0123"
     with running_server(root, default_model="flowers", env={"GRAFT_ADMIN_TOKEN": token}) as srv:
         refused = graft("push", export_dir, "--name", "flowers", "--url", srv.http, "--token", "x")
         assert_one_line_error(refused, "refused the push (401)")

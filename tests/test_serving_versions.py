@@ -140,6 +140,11 @@ def test_a_corrupted_version_stays_failed_and_the_old_one_serves(
         assert time.monotonic() < deadline, f"version 3 is {state}"
         time.sleep(0.2)
     assert "does not match its manifest" in state["reason"]
+    # The public TF Serving status says FAILED, but the reason (server paths) needs the token.
+    public = http.get(f"/v1/models/{MODEL}/versions/3").json()["model_version_status"][0]
+    assert (public["state"], public["status"]["error_code"]) == ("END", "UNKNOWN")
+    assert "GET /models" in public["status"]["error_message"]
+    assert str(model_root) not in public["status"]["error_message"]
     assert _served_version(http) == 2
     assert _model(http)["active_version"] == 2
     metrics = http.get("/metrics").text

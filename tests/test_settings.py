@@ -29,6 +29,22 @@ def test_graft_serve_refuses_it_before_starting(tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir()), "nothing may be installed into a refused model root"
 
 
+def test_a_short_admin_token_is_refused_and_an_empty_one_turns_management_off(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ValidationError, match="has 6 characters; use at least 16"):
+        GraftSettings(admin_token="s3cret")
+    assert GraftSettings(admin_token="").admin_token is None
+    token = GraftSettings(admin_token="0123456789abcdef").admin_token
+    assert token is not None and token.get_secret_value() == "0123456789abcdef"
+    result = CliRunner().invoke(
+        app, ["serve", "--model-root", str(tmp_path)], env={"GRAFT_ADMIN_TOKEN": "short"}
+    )
+    assert result.exit_code == 2, result.output
+    assert "GRAFT_ADMIN_TOKEN has 5 characters" in result.output
+    assert not any(tmp_path.iterdir()), "nothing may be installed into a refused model root"
+
+
 def test_bentoml_never_cuts_a_push_check_or_a_request_short() -> None:
     from service.app.entry import Graft, Inference
     from service.app.timeouts import traffic_timeouts_s

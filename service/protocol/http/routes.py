@@ -211,6 +211,12 @@ def _find(statuses: list[ModelStatus], name: str) -> ModelStatus:
     raise ModelNotFound(f"model {name!r} does not exist in the repository")
 
 
+_FAILED_MESSAGE = (
+    "this version failed to load and is not served; GET /models (management API) and the "
+    "server log give the reason"
+)
+
+
 def _tf_version(version: Any) -> dict[str, Any]:
     state = {
         VersionState.AVAILABLE: "AVAILABLE",
@@ -222,6 +228,7 @@ def _tf_version(version: Any) -> dict[str, Any]:
         "state": state,
         "status": {
             "error_code": "UNKNOWN" if failed else "OK",
-            "error_message": version.reason or "",
+            # The reason names server paths and files: only the management API shows it.
+            "error_message": _FAILED_MESSAGE if failed else "",
         },
     }
