@@ -288,6 +288,13 @@ def test_two_content_lengths_are_refused(server: RunningServer) -> None:
     assert status == 400, answer  # refused by the HTTP parser or by graft, never served
 
 
+def test_a_content_length_too_long_to_parse_is_refused(server: RunningServer) -> None:
+    head = "POST /classify HTTP/1.1\nHost: x\nContent-Type: application/json\n"
+    head += f"Content-Length: {'9' * 5000}\nConnection: close\n"
+    status, answer = _raw_request(server, head, b"{}")
+    assert status in (400, 413), answer  # by the HTTP parser or by graft's guard, never a 5xx
+
+
 OUTSIDE_HOST = re.compile(rb"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", re.I)
 
 

@@ -234,6 +234,10 @@ REST_CASES: dict[str, tuple[str, Any, int, str, str]] = {
                         404, "not_found", "has no version 9"),
     "version not a number": (f"/v2/models/{MODEL}/versions/latest/infer",
                              {"inputs": [_images(RED)]}, 400, "bad_request", "'latest'"),
+    "version too long to parse": (f"/v2/models/{MODEL}/versions/{'9' * 5000}/infer",
+                                  {"inputs": [_images(RED)]}, 400, "bad_request", "not a version"),
+    "header length too long to parse": (INFER, (b'{"inputs": []}', {HEADER: "9" * 5000}),
+                                        400, "bad_request", HEADER),
     "invalid model name": ("/v2/models/Bad.Name/infer", {"inputs": [_images(RED)]},
                            400, "bad_request", "invalid model name"),
 }  # fmt: skip
@@ -327,6 +331,8 @@ GRPC_CASES: dict[str, tuple[Any, grpc.StatusCode, str, str]] = {
                         "not_found", "no version 5"),
     "version not a number": (_request(_red(), model_version="v1"),
                              grpc.StatusCode.INVALID_ARGUMENT, "bad_request", "'v1'"),
+    "version too long to parse": (_request(_red(), model_version="9" * 5000),
+                                  grpc.StatusCode.INVALID_ARGUMENT, "bad_request", "not a version"),
     "no model name": (_request(_red(), model_name=""), grpc.StatusCode.INVALID_ARGUMENT,
                       "bad_request", "invalid model name"),
 }  # fmt: skip

@@ -23,6 +23,7 @@ from service.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
+from service.protocol.decimal_text import decimal
 from service.schemas import ErrorBody
 
 PICKLE_MEDIA_TYPE = "application/vnd.bentoml+pickle"
@@ -67,8 +68,11 @@ class RequestGuard:
             )
         limit = self._limit(scope)
         declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            return _too_large(int(declared), limit)
+        size = decimal(declared)
+        if size is None and declared.isdigit():  # more digits than any body can have
+            return _too_large(limit + 1, limit)
+        if size is not None and size > limit:
+            return _too_large(size, limit)
         return None
 
     def _limit(self, scope: Scope) -> int:

@@ -10,6 +10,7 @@ import struct
 from collections.abc import Sequence
 
 from service.errors import BadRequest
+from service.protocol.decimal_text import decimal
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BINARY_MEDIA_TYPE = "application/octet-stream"
@@ -52,13 +53,12 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, "BinarySe
     """A REST body -> its JSON part and what follows it (empty without the header)."""
     if header_length is None:
         return body, BinarySection(b"")
-    text = header_length.strip()
-    if not text.isdigit() or int(text) > len(body):
+    size = decimal(header_length.strip())
+    if size is None or size > len(body):
         raise BadRequest(
             f"{HEADER_LENGTH} must be the byte length of the JSON at the start of the body, "
-            f"between 0 and the body's {len(body)} bytes; got {header_length!r}"
+            f"between 0 and the body's {len(body)} bytes; got {header_length[:40]!r}"
         )
-    size = int(text)
     return body[:size], BinarySection(body[size:])
 
 

@@ -13,6 +13,7 @@ from service import __version__
 from service.errors import BadRequest, ModelNotFound
 from service.gateway import Gateway
 from service.gateway.backend_calls import call_backend
+from service.protocol.decimal_text import decimal
 from service.protocol.v2.tensors import INPUTS, TensorMeta, output_metadata
 from service.store.repository import validate_name
 from service.wire import ModelStatus, VersionState
@@ -49,12 +50,13 @@ def parse_version(text: str) -> int | None:
     """The protocol's version string -> graft's integer version ("" : the active one)."""
     if text == "":
         return None
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+    number = decimal(text)
+    if number is None or number < 1:
         raise BadRequest(
             f"model version {text[:40]!r} is not a version: graft versions are positive "
             "integers (1, 2, ...); leave it out for the active version"
         )
-    return int(text)
+    return number
 
 
 async def resolve(gateway: Gateway, name: str, version: str) -> ModelRef:
