@@ -7,7 +7,6 @@ from service.stubs.graft.v1 import classifier_pb2 as pb
 # Trailing-metadata key that carries GraftError.code, so GraftClient can raise the exact
 # subclass (INVALID_ARGUMENT alone cannot tell a bad image from a bad request).
 ERROR_CODE_KEY = "graft-error-code"
-DEFAULT_TOP_K = 5
 
 
 def to_proto(response: schemas.ClassifyResponse, request_id: str = "") -> pb.ClassifyResponse:

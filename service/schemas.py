@@ -2,6 +2,8 @@
 
 from pydantic import BaseModel, Field
 
+DEFAULT_TOP_K = 5  # classes ranked per image when a request does not say how many
+
 
 class TopClass(BaseModel):
     label: str

@@ -14,6 +14,7 @@ import typer
 from service.errors import GraftError, InvalidImage
 from service.image_check import check_image
 from service.push.archive import pack_export
+from service.schemas import DEFAULT_TOP_K
 from service.settings import GraftSettings
 from service.store.layout import SERVING_SIGNATURE
 from service.store.manifest import verify_dir
@@ -132,7 +133,9 @@ def predict(
     version: Annotated[
         int | None, typer.Option("--version", help="Default: the pinned, else the newest.")
     ] = None,
-    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes per image.")] = 5,
+    top_k: Annotated[
+        int, typer.Option("--top-k", min=1, help="Classes per image.")
+    ] = DEFAULT_TOP_K,
 ) -> None:
     """Classify images with the exported SavedModel; one JSON line per image.
 

@@ -15,7 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service import errors, schemas
 from service.client.inputs import Image, read_image
-from service.graft_v1 import DEFAULT_TOP_K, ERROR_CODE_KEY, from_proto
+from service.graft_v1 import ERROR_CODE_KEY, from_proto
+from service.schemas import DEFAULT_TOP_K
 from service.stubs.graft.v1 import classifier_pb2 as pb
 from service.stubs.graft.v1 import classifier_pb2_grpc as pb_grpc
 from service.units import MiB

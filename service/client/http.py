@@ -16,7 +16,7 @@ import httpx
 from service.client.grpc import GrpcClient
 from service.client.inputs import Image, image_name, read_image
 from service.errors import GraftError, error_from_code
-from service.schemas import ClassifyResponse, ErrorBody
+from service.schemas import DEFAULT_TOP_K, ClassifyResponse, ErrorBody
 
 
 class GraftClient:
@@ -34,7 +34,7 @@ class GraftClient:
         *,
         model: str | None = None,
         version: int | None = None,
-        top_k: int = 5,
+        top_k: int = DEFAULT_TOP_K,
     ) -> ClassifyResponse:
         """Classify encoded images (bytes or file paths) in one request, results in order."""
         files = [

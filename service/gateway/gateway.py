@@ -15,7 +15,14 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from service.errors import BadRequest, GraftError, ModelNotFound, NotReady, PayloadTooLarge
+from service.errors import (
+    BadRequest,
+    GraftError,
+    ImageTooLarge,
+    ModelNotFound,
+    NotReady,
+    PayloadTooLarge,
+)
 from service.gateway.admission import Admission
 from service.gateway.backend_calls import call_backend
 from service.gateway.management import Management
@@ -176,6 +183,19 @@ class Gateway:
                 f"{count} images in one request; the limit is {limit}: split it into "
                 f"requests of at most {limit} images, or raise GRAFT_MAX_IMAGES_PER_REQUEST "
                 "(and GRAFT_MAX_QUEUE with it) on the server"
+            )
+
+    def check_pixel_images(self, count: int, height: int, width: int) -> None:
+        """Refuse `count` decoded images of `height` x `width` from their shape alone, before
+        any pixel is read or encoded: the image count, empty images, the per-image limit."""
+        self.check_image_count(count)
+        if height < 1 or width < 1:
+            raise BadRequest(f"the pixel images are {width}x{height}: an image needs pixels")
+        limit = self._settings.max_image_pixels
+        if height * width > limit:
+            raise ImageTooLarge(
+                f"{width}x{height} = {height * width} pixels per image; the limit is {limit}: "
+                "send smaller images, or raise GRAFT_MAX_IMAGE_PIXELS"
             )
 
     def _validated(self, images: list[bytes]) -> list[bytes]:

@@ -8,8 +8,9 @@ import grpc
 
 from service.errors import GraftError
 from service.gateway import Gateway
-from service.graft_v1 import DEFAULT_TOP_K, to_proto
+from service.graft_v1 import to_proto
 from service.protocol.grpc_status import PROTOCOL, deadline_of, guarded
+from service.schemas import DEFAULT_TOP_K
 from service.stubs.graft.v1 import classifier_pb2 as pb
 from service.stubs.graft.v1 import classifier_pb2_grpc as pb_grpc
 

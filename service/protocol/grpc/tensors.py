@@ -22,6 +22,7 @@ def _dims(tensor: tensor_pb2.TensorProto) -> list[int]:
 
 
 CountCheck = Callable[[int], None]  # refuses a request of that many images (Gateway's limit)
+PixelCheck = Callable[[int, int, int], None]  # refuses n images of h x w (Gateway's limits)
 
 
 def encoded_images(tensor: tensor_pb2.TensorProto, check_count: CountCheck) -> list[bytes]:
@@ -38,9 +39,7 @@ def encoded_images(tensor: tensor_pb2.TensorProto, check_count: CountCheck) -> l
     return list(tensor.string_val)
 
 
-def pixel_images(
-    tensor: tensor_pb2.TensorProto, check_count: CountCheck, max_pixels: int
-) -> list[bytes]:
+def pixel_images(tensor: tensor_pb2.TensorProto, check_shape: PixelCheck) -> list[bytes]:
     """uint8 [n, h, w, 3] pixels -> lossless PNGs, so pixels share the encoded-image path.
     Counts and sizes are checked from the shape before any pixel is touched."""
     shape = _dims(tensor)
@@ -49,12 +48,7 @@ def pixel_images(
             f"input `pixels` must be a DT_UINT8 tensor of shape [n, h, w, 3], got "
             f"{types_pb2.DataType.Name(tensor.dtype)} {shape}"
         )
-    check_count(shape[0])
-    if min(shape) < 1 or shape[1] * shape[2] > max_pixels:
-        raise BadRequest(
-            f"input `pixels` has shape {shape}: each image needs 1 to {max_pixels} pixels "
-            "(GRAFT_MAX_IMAGE_PIXELS)"
-        )
+    check_shape(shape[0], shape[1], shape[2])
     if tensor.tensor_content:
         flat = np.frombuffer(tensor.tensor_content, dtype=np.uint8)
     else:

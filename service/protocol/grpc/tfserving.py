@@ -73,7 +73,7 @@ def _inputs(
     tensor = request.inputs[wanted]
     if signature == SERVING_SIGNATURE:
         return encoded_images(tensor, gateway.check_image_count)
-    return pixel_images(tensor, gateway.check_image_count, gateway.settings.max_image_pixels)
+    return pixel_images(tensor, gateway.check_pixel_images)
 
 
 def _output_names(output_filter: Sequence[str]) -> list[str]:

@@ -13,6 +13,7 @@ from starlette.requests import Request
 
 from service.errors import BadRequest, UnsupportedMediaType, validation_message
 from service.protocol import json_text
+from service.schemas import DEFAULT_TOP_K
 from service.store.layout import PIXELS_SIGNATURE, SERVING_SIGNATURE
 
 
@@ -24,7 +25,7 @@ class ClassifyJSON(BaseModel):
     images: list[B64]
     model: str | None = None
     version: int | None = None
-    top_k: int = 5
+    top_k: int = DEFAULT_TOP_K
 
 
 class PinBody(BaseModel):

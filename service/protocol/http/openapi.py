@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from service import __version__
 from service.protocol.v2.openapi import v2_paths
-from service.schemas import ClassifyResponse, ErrorBody
+from service.schemas import DEFAULT_TOP_K, ClassifyResponse, ErrorBody
 from service.wire import ModelStatus
 
 _REF = "#/components/schemas/{model}"
@@ -70,7 +70,7 @@ def _paths() -> dict[str, Any]:
             "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
             "model": {"type": "string"},
             "version": {"type": "integer"},
-            "top_k": {"type": "integer", "default": 5},
+            "top_k": {"type": "integer", "default": DEFAULT_TOP_K},
         },
         "required": ["images"],
     }

@@ -22,11 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from service.errors import BadRequest, ImageTooLarge
+from service.errors import BadRequest
 from service.gateway import Gateway, Prediction
 from service.gateway.pixels import pixel_images
 from service.gateway.results import image_result
 from service.protocol.v2.binary import deserialize_bytes, serialize_bytes
+from service.schemas import DEFAULT_TOP_K
 
 IMAGES, PIXELS = "images", "pixels"
 BYTES, UINT8, FP32 = "BYTES", "UINT8", "FP32"
@@ -41,7 +42,6 @@ OUTPUT_DATATYPES = {
 }
 TOP_K_OUTPUTS = ("top_k_label", "top_k_score")
 DEFAULT_OUTPUTS = ("probabilities", "label", "score")
-DEFAULT_TOP_K = 5  # as /classify: for top_k_* outputs requested without parameters.top_k
 MAX_DIM = 2**63 - 1  # int64, the protocol's shape type
 MAX_RANK = 8  # more dimensions than any input has: refused before the shape is echoed
 
@@ -196,15 +196,7 @@ def _pixels_shape(tensor: InputTensor, gateway: Gateway) -> tuple[int, int, int,
     if len(shape) != 4 or shape[3] != 3:
         raise BadRequest(f"input `{PIXELS}` must have shape [N, H, W, 3] (RGB), got {list(shape)}")
     count, height, width, _ = shape
-    gateway.check_image_count(count)
-    if height < 1 or width < 1:
-        raise BadRequest(f"input `{PIXELS}`: shape {list(shape)} has an empty image")
-    limit = gateway.settings.max_image_pixels
-    if height * width > limit:
-        raise ImageTooLarge(
-            f"input `{PIXELS}`: {width}x{height} = {height * width} pixels per image; the "
-            f"limit is {limit}: send smaller images, or raise GRAFT_MAX_IMAGE_PIXELS"
-        )
+    gateway.check_pixel_images(count, height, width)
     elements = math.prod(shape)
     data = tensor.data
     if isinstance(data, Raw) and len(data.data) != elements:
@@ -296,6 +288,7 @@ def build_outputs(
     prediction: Prediction, names: list[str], top_k: int | None
 ) -> list[OutputTensor]:
     wants_top_k = any(name in TOP_K_OUTPUTS for name in names)
+    # top_k_* requested without parameters.top_k: as many as /classify ranks by default.
     columns = _columns(prediction, (top_k or DEFAULT_TOP_K) if wants_top_k else None)
     return [OutputTensor(name, OUTPUT_DATATYPES[name], *columns[name]) for name in names]
 
