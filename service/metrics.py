@@ -73,6 +73,18 @@ MODEL_LOAD_DURATION = Histogram(
     ["model"],
     buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
+MODEL_RUNTIME = Gauge(
+    "graft_model_runtime",
+    "1 for each loaded version, labelled with the runtime that runs its network.",
+    ["model", "version", "runtime"],
+    multiprocess_mode="livemax",
+)
+RUNTIME_FALLBACKS = Counter(
+    "graft_runtime_fallbacks_total",
+    "Versions loaded on TensorFlow although an accelerated runtime was asked for (see the "
+    "runtime_note in GET /models).",
+    ["model", "runtime"],
+)
 REQUESTS_REJECTED = Counter(
     "graft_requests_rejected_total",
     "Requests refused before or during inference, by reason (the error code).",

@@ -39,6 +39,20 @@ class GraftSettings(BaseSettings):
         description="Adaptive batching: how long a free batch thread waits for a fuller batch.",
     )
     batch_threads: int = Field(3, ge=1, description="Batches that run at the same time.")
+    runtime: str = Field(
+        "auto",
+        max_length=32,
+        description="What runs the network: auto|onnxruntime|openvino|tensorflow. auto = ONNX "
+        "Runtime when installed (a version without its ONNX file runs on TensorFlow); a named "
+        "runtime must be installed or `graft serve` refuses to start.",
+    )
+    runtime_threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Threads per network call on an accelerated runtime; unset: the cores "
+        "divided by GRAFT_BATCH_THREADS, so concurrent batches do not oversubscribe them.",
+    )
     max_body_bytes: int = Field(16 * MiB, ge=1, description="Larger request bodies get 413.")
     max_images_per_request: int = Field(64, ge=1)
     max_image_pixels: int = Field(
@@ -59,6 +73,46 @@ class GraftSettings(BaseSettings):
         256, ge=1, description="Images waiting for inference before new requests get 503."
     )
     grpc_max_message_bytes: int = Field(32 * MiB, ge=1)
+    max_concurrent_requests: int = Field(
+        128,
+        ge=1,
+        description="HTTP requests one entry worker serves at once (/livez, /readyz, /healthz "
+        "and /metrics aside); more get 503 with Retry-After.",
+    )
+    max_body_bytes_in_flight: int = Field(
+        256 * MiB,
+        ge=1,
+        description="Request bodies one entry worker accepts at once, by Content-Length (the "
+        "body limit when there is none); more get 503 with Retry-After. Bounds the memory and "
+        "the /tmp spool that uploads being received take. Pushes (token checked before their "
+        "body is read) are not counted.",
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="A connection must complete a request's line and headers within this "
+        "long of opening, or of its previous answer; it is closed otherwise (slowloris).",
+    )
+    body_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="A request body must arrive within this long of its headers (408, and the "
+        "connection is closed); pushes get GRAFT_PUSH_BODY_TIMEOUT_S.",
+    )
+    push_body_timeout_s: float = Field(
+        300.0, gt=0, le=3600, description="How long a push's body may take to arrive (408)."
+    )
+    grpc_max_concurrent_rpcs: int = Field(
+        128, ge=1, description="gRPC calls served at once; more get RESOURCE_EXHAUSTED."
+    )
+    grpc_max_streams_per_connection: int = Field(
+        32, ge=1, description="Concurrent HTTP/2 streams (calls) one gRPC connection may open."
+    )
+    grpc_max_connection_idle_s: float = Field(
+        300.0, gt=0, description="A gRPC connection with no call for this long is closed."
+    )
     max_push_bytes: int = Field(512 * MiB, ge=1, description="Largest model upload (tar.gz).")
     max_push_uncompressed_bytes: int = Field(
         2048 * MiB, ge=1, description="Largest total size a model upload may unpack to."
@@ -95,6 +149,17 @@ class GraftSettings(BaseSettings):
                 f"{MIN_ADMIN_TOKEN_CHARS} random ones, e.g. `openssl rand -hex 16`"
             )
         return token
+
+    @model_validator(mode="after")
+    def _bodies_fit_in_flight(self) -> "GraftSettings":
+        # A body the size of the limit could never be admitted: it would get 503 for ever.
+        if self.max_body_bytes > self.max_body_bytes_in_flight:
+            raise ValueError(
+                f"GRAFT_MAX_BODY_BYTES ({self.max_body_bytes}) is over "
+                f"GRAFT_MAX_BODY_BYTES_IN_FLIGHT ({self.max_body_bytes_in_flight}), so the "
+                "largest allowed body could never be accepted; raise the second or lower the first"
+            )
+        return self
 
     @model_validator(mode="after")
     def _requests_fit_the_queue(self) -> "GraftSettings":

@@ -46,6 +46,7 @@ class ModelMetadata(BaseModel):
     labels: list[str]
     image_size: int
     signatures: dict[str, Any]
+    runtime: str = "tensorflow"
 
 
 class VersionState(StrEnum):
@@ -59,6 +60,8 @@ class VersionStatus(BaseModel):
     version: int
     state: VersionState
     reason: str | None = None
+    runtime: str | None = None  # AVAILABLE versions: what runs the network (tensorflow, ...)
+    runtime_note: str | None = None  # why it is not the runtime GRAFT_RUNTIME asked for
 
 
 class ModelStatus(BaseModel):

@@ -19,8 +19,17 @@ import numpy as np
 import tensorflow as tf
 
 from service import __version__
-from service.store.layout import LABELS_FILE, PIXELS_SIGNATURE, SERVING_SIGNATURE, SIGNATURES
+from service.store.layout import (
+    LABELS_FILE,
+    ONNX_FILE,
+    ONNX_OUTPUT,
+    PIXELS_SIGNATURE,
+    PREPROCESS_SIGNATURE,
+    SERVING_SIGNATURE,
+    SIGNATURES,
+)
 from service.store.manifest import Manifest, hash_tree
+from training.onnx_export import write_onnx
 from training.preprocess import decode_batch, resize_pixels
 
 
@@ -33,6 +42,7 @@ def export_model(
     backbone: str,
     metrics: dict[str, Any] | None = None,
     dataset_fingerprint: str | None = None,
+    accelerated: bool = True,
 ) -> Path:
     """Write `model` (float32 [n, s, s, 3] pixels in [0, 255] -> softmax [n, C]) to `export_dir`.
 
@@ -42,6 +52,9 @@ def export_model(
         grayscale, palette and RGBA become RGB; resized to `image_size` inside the graph.
       - serve_pixels(pixels: uint8 [n, h, w, 3]): RGB pixels of ANY size h x w (all images in
         one call share it); resized to `image_size` with the training resize.
+    And `preprocess(images: string [n]) -> pixels float32 [n, s, s, 3]`, the decode + resize of
+    serving_default alone, which an accelerated runtime runs before the network.
+    With `accelerated`, the network also goes to onnx/model.onnx (pixels -> probabilities).
     Also writes assets/labels.txt and a draft graft.json (name and version are set at publish).
     The folder appears complete or not at all: it is written beside `export_dir` and renamed.
     """
@@ -54,6 +67,9 @@ def export_model(
         _write_saved_model(model, staging, labels, image_size)
         (staging / LABELS_FILE).parent.mkdir(exist_ok=True)
         (staging / LABELS_FILE).write_text("".join(f"{label}\n" for label in labels), "utf-8")
+        onnx = (
+            write_onnx(model, image_size, ONNX_OUTPUT, staging / ONNX_FILE) if accelerated else None
+        )
         Manifest(
             backbone=backbone,
             image_size=image_size,
@@ -61,8 +77,9 @@ def export_model(
             metrics=metrics or {},
             dataset_fingerprint=dataset_fingerprint,
             framework=_framework_versions(),
-            signatures=list(SIGNATURES),
+            signatures=[*SIGNATURES, PREPROCESS_SIGNATURE],
             files=hash_tree(staging),
+            accelerated=onnx,
         ).write(staging)
         if export_dir.exists():
             export_dir.rmdir()
@@ -89,6 +106,9 @@ def _write_saved_model(model: keras.Model, path: Path, labels: list[str], image_
     def serve_pixels(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
         return outputs(resize_pixels(pixels, image_size))
 
+    def preprocess(images: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {"pixels": decode_batch(images, image_size)}
+
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(
@@ -100,6 +120,11 @@ def _write_saved_model(model: keras.Model, path: Path, labels: list[str], image_
         PIXELS_SIGNATURE,
         serve_pixels,
         input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="pixels")],
+    )
+    archive.add_endpoint(
+        PREPROCESS_SIGNATURE,
+        preprocess,
+        input_signature=[tf.TensorSpec([None], tf.string, name="images")],
     )
     archive.write_out(str(path), verbose=False)
 

@@ -75,6 +75,7 @@ def start(flags: dict[str, Any], install_default: DefaultInstaller) -> None:
     except ValidationError as exc:
         raise typer.BadParameter(str(exc)) from None
     settings.model_root = settings.model_root.resolve()
+    _check_runtime(settings)
     if settings.model_name is None:
         _ensure_a_model(settings, install_default)
     else:
@@ -120,6 +121,17 @@ def _check_single_model(settings: GraftSettings) -> None:
         f"there ({root}/1/saved_model.pb + graft.json, ...) or one version's files "
         f"(saved_model.pb + graft.json){hint}"
     )
+
+
+def _check_runtime(settings: GraftSettings) -> None:
+    """Refuse, in one line, a GRAFT_RUNTIME this machine cannot honour (before any model is
+    installed or any process started)."""
+    from service.runtime.networks import RuntimeUnavailable, engine_for
+
+    try:
+        engine_for(settings)
+    except RuntimeUnavailable as exc:
+        _refuse(str(exc))
 
 
 def _refuse(message: str) -> NoReturn:

@@ -27,6 +27,7 @@ def metadata_of(model: LoadedModel) -> ModelMetadata:
         labels=model.labels,
         image_size=model.image_size,
         signatures=model.signatures,
+        runtime=model.runtime,
     )
 
 

@@ -21,10 +21,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 from service import metrics
 from service.errors import GraftError, ModelNotFound, NotReady
 from service.runtime.loaded_model import LoadedModel
+from service.runtime.networks import Engine
 from service.store.repository import ModelRepository
 from service.wire import ModelStatus, VersionState, VersionStatus
 
@@ -55,9 +58,10 @@ class VersionManager:
         repository: ModelRepository,
         poll_interval_s: float,
         loader: Loader | None = None,
+        engine: Engine = Engine(),
     ) -> None:
         if loader is None:
-            loader = LoadedModel.load
+            loader = partial(LoadedModel.load, engine=engine)
         self._repository = repository
         self._interval = poll_interval_s
         self._loader = loader
@@ -213,10 +217,17 @@ class VersionManager:
     def _swap(name: str, slot: _ModelState, new: LoadedModel) -> None:
         """Under the lock: `new` becomes active, the old active becomes previous."""
         if slot.active is not new:
+            if slot.previous is not None and slot.previous is not new:
+                _runtime_gauge(slot.previous).set(0)  # dropped from memory
             slot.previous = slot.active
         slot.active = new
         metrics.ACTIVE_VERSION.labels(name).set(new.version)
-        logger.info("model %s now serves version %s", name, new.version)
+        _runtime_gauge(new).set(1)
+        logger.info("model %s now serves version %s on %s", name, new.version, new.runtime)
+
+
+def _runtime_gauge(model: LoadedModel) -> Any:
+    return metrics.MODEL_RUNTIME.labels(model.name, str(model.version), model.runtime)
 
 
 def _wanted(on_disk: list[int], pin: int | None, failed: dict[int, str]) -> int | None:
@@ -228,14 +239,15 @@ def _wanted(on_disk: list[int], pin: int | None, failed: dict[int, str]) -> int 
 
 
 def _status(name: str, slot: _ModelState) -> ModelStatus:
-    loaded = {m.version for m in (slot.active, slot.previous) if m is not None}
-    known = sorted(set(slot.on_disk) | loaded | set(slot.failed))
+    loaded = {m.version: m for m in (slot.active, slot.previous) if m is not None}
+    known = sorted(set(slot.on_disk) | set(loaded) | set(slot.failed))
     versions = []
     for version in known:
         if version in slot.failed:
             state, reason = VersionState.FAILED, slot.failed[version]
         elif version in loaded:
-            state, reason = VersionState.AVAILABLE, None
+            versions.append(_available(loaded[version]))
+            continue
         elif version == slot.loading:
             state, reason = VersionState.LOADING, None
         else:
@@ -247,6 +259,15 @@ def _status(name: str, slot: _ModelState) -> ModelStatus:
         previous_version=slot.previous.version if slot.previous else None,
         pin=slot.pin,
         versions=versions,
+    )
+
+
+def _available(model: LoadedModel) -> VersionStatus:
+    return VersionStatus(
+        version=model.version,
+        state=VersionState.AVAILABLE,
+        runtime=model.runtime,
+        runtime_note=model.runtime_note,
     )
 
 

@@ -2,6 +2,7 @@
 
 A version is a TensorFlow SavedModel with graft's manifest beside it:
     saved_model.pb  fingerprint.pb  graft.json  assets/labels.txt  variables/...
+and, when exported with one, the accelerated network beside it: onnx/model.onnx.
 """
 
 MANIFEST_FILE = "graft.json"
@@ -15,3 +16,11 @@ SIGNATURES = (SERVING_SIGNATURE, PIXELS_SIGNATURE)
 # Signature -> the one input tensor it takes.
 SIGNATURE_INPUTS = {SERVING_SIGNATURE: "images", PIXELS_SIGNATURE: "pixels"}
 OUTPUTS = ("probabilities", "label", "score")
+
+# `images` (tf.string [n]) -> `pixels`: float32 [n, s, s, 3] in [0, 255], decoded and resized by
+# the one function training uses; an accelerated runtime runs the network on its output.
+PREPROCESS_SIGNATURE = "preprocess"
+# The network alone (float32 pixels [n, s, s, 3] in [0, 255] -> probabilities [n, C]) as ONNX.
+ONNX_FILE = "onnx/model.onnx"
+ONNX_INPUT = "pixels"
+ONNX_OUTPUT = "probabilities"

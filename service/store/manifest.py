@@ -8,13 +8,19 @@ import hashlib
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
 from service.errors import RejectedModel, validation_message
 from service.store.durable import write_durably
-from service.store.layout import LABELS_FILE, MANIFEST_FILE, SAVED_MODEL_FILE, SIGNATURES
+from service.store.layout import (
+    LABELS_FILE,
+    MANIFEST_FILE,
+    ONNX_FILE,
+    SAVED_MODEL_FILE,
+    SIGNATURES,
+)
 
 _CHUNK = 1 << 20
 
@@ -23,6 +29,16 @@ class ManifestError(RejectedModel):
     """A version folder whose files do not match its manifest (or that has no valid one)."""
 
     code = "invalid_manifest"
+
+
+class Accelerated(BaseModel):
+    """The network exported for an accelerated runtime, beside the SavedModel."""
+
+    format: Literal["onnx"] = "onnx"
+    file: Literal["onnx/model.onnx"] = ONNX_FILE
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    converter: str = Field(max_length=64, description="e.g. 'tf2onnx 1.17.0'")
+    opset: int = Field(ge=1, le=1000)
 
 
 class Manifest(BaseModel):
@@ -38,6 +54,9 @@ class Manifest(BaseModel):
     dataset_fingerprint: str | None = None
     framework: dict[str, str] = Field(default_factory=dict)
     signatures: list[str] = Field(default_factory=lambda: list(SIGNATURES))
+    accelerated: Accelerated | None = Field(
+        None, description="Absent: the version runs on TensorFlow only (exports before 0.2)."
+    )
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     files: dict[str, str] = Field(
         default_factory=dict, description="Relative POSIX path -> sha256 of every other file."
@@ -100,6 +119,7 @@ def verify_dir(folder: Path, *, name: str | None = None, version: int | None = N
         raise ManifestError(f"{folder}: manifest says version {manifest.version}, not {version}")
     _compare_files(folder, manifest.files, hash_tree(folder))
     _check_labels_file(folder, manifest.labels)
+    _check_accelerated(folder, manifest)
     return manifest
 
 
@@ -125,3 +145,12 @@ def _check_labels_file(folder: Path, labels: list[str]) -> None:
         raise ManifestError(f"{folder} has no {LABELS_FILE}") from None
     if on_disk != labels:
         raise ManifestError(f"{folder}: {LABELS_FILE} disagrees with the labels in the manifest")
+
+
+def _check_accelerated(folder: Path, manifest: Manifest) -> None:
+    accelerated = manifest.accelerated
+    if accelerated is not None and manifest.files.get(accelerated.file) != accelerated.sha256:
+        raise ManifestError(
+            f"{folder}: the accelerated file {accelerated.file} is not listed with the sha256 "
+            "the manifest gives it; re-export the version"
+        )

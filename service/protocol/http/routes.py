@@ -138,8 +138,9 @@ class _Handlers:
         name = validate_name(request.path_params["name"])
         meta = await self._gateway().metadata(name, request.path_params.get("version"))
         spec = {"name": meta.name, "signature_name": "", "version": str(meta.version)}
-        signatures = {"signature_def": {"signature_def": meta.signatures}}
-        return JSONResponse({"model_spec": spec, "metadata": signatures})
+        # TF Serving answers `signature_def` only; `runtime` is graft's (what runs the network).
+        metadata = {"signature_def": {"signature_def": meta.signatures}, "runtime": meta.runtime}
+        return JSONResponse({"model_spec": spec, "metadata": metadata})
 
     # -- management ----------------------------------------------------------------------------
 

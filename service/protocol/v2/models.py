@@ -21,7 +21,12 @@ from service.wire import ModelStatus, VersionState
 SERVER_NAME = "graft"
 SERVER_VERSION = __version__
 EXTENSIONS = ("binary_tensor_data",)
-PLATFORM = "tensorflow_savedmodel"
+# What runs the network, in Triton's platform names (its model configuration's `platform`).
+PLATFORMS = {
+    "tensorflow": "tensorflow_savedmodel",
+    "onnxruntime": "onnxruntime_onnx",
+    "openvino": "openvino",
+}
 
 
 @dataclass(frozen=True)
@@ -97,7 +102,7 @@ async def model_metadata(gateway: Gateway, model: ModelRef) -> ModelMeta:
         name=model.name,
         version=metadata.version,
         versions=[str(version) for version in model.available()],
-        platform=PLATFORM,
+        platform=PLATFORMS.get(metadata.runtime, metadata.runtime),
         inputs=INPUTS,
         outputs=output_metadata(len(metadata.labels)),
     )

@@ -1,0 +1,143 @@
+"""The accelerated runtimes: the exported network (ONNX) run by ONNX Runtime or OpenVINO.
+
+A `Network` takes float32 pixels [n, s, s, 3] in [0, 255] (the SavedModel's `preprocess`
+output) and returns its one output. TensorFlow is not one of them: a version on TensorFlow
+runs its SavedModel's `serving_default` whole (service.runtime.loaded_model).
+
+`GRAFT_RUNTIME` picks one: `auto` takes ONNX Runtime when it is installed (the fastest here,
+BENCHMARKS.md), else TensorFlow; a named one must be installed or `graft serve` refuses to
+start. OpenVINO is never picked by `auto`: importing it loads its telemetry package
+(decision 46), so it runs only where a user names it.
+"""
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from service.errors import RejectedModel
+from service.settings import GraftSettings
+from service.store.layout import ONNX_INPUT
+
+TENSORFLOW = "tensorflow"
+ONNXRUNTIME = "onnxruntime"
+OPENVINO = "openvino"
+ACCELERATED = (ONNXRUNTIME, OPENVINO)
+RUNTIMES = ("auto", *ACCELERATED, TENSORFLOW)
+AUTO = ONNXRUNTIME  # what `auto` takes when it is installed
+
+
+class RuntimeUnavailable(RuntimeError):
+    """The runtime a setting names cannot run here (not installed, or fails to start)."""
+
+
+class Network(Protocol):
+    runtime: str
+
+    def run(self, pixels: np.ndarray) -> np.ndarray:
+        """float32 [n, s, s, 3] -> the network's output, float32 [n, ...]."""
+        ...
+
+
+@dataclass(frozen=True)
+class Engine:
+    """Where versions run: `runtime` (resolved, never "auto") with `threads` per call."""
+
+    runtime: str = TENSORFLOW
+    threads: int = 1
+
+
+def engine_for(settings: GraftSettings) -> Engine:
+    """The engine GRAFT_RUNTIME and GRAFT_RUNTIME_THREADS ask for; RuntimeUnavailable if it
+    cannot be honoured here."""
+    threads = settings.runtime_threads or default_threads(settings.batch_threads)
+    return Engine(resolve(settings.runtime), threads)
+
+
+def installed(runtime: str) -> bool:
+    module = {ONNXRUNTIME: "onnxruntime", OPENVINO: "openvino"}.get(runtime)
+    return runtime == TENSORFLOW or (module is not None and _importable(module))
+
+
+def resolve(setting: str) -> str:
+    """The runtime `GRAFT_RUNTIME=setting` means on this machine; RuntimeUnavailable (one line,
+    naming the setting) when it cannot be honoured."""
+    if setting not in RUNTIMES:
+        raise RuntimeUnavailable(
+            f"GRAFT_RUNTIME={setting!r} is not a runtime; choose one of {', '.join(RUNTIMES)}"
+        )
+    if setting == "auto":
+        return AUTO if installed(AUTO) else TENSORFLOW
+    if not installed(setting):
+        raise RuntimeUnavailable(
+            f"GRAFT_RUNTIME={setting} but the {setting} package is not installed; "
+            f"`pip install {setting}`, or use GRAFT_RUNTIME=auto"
+        )
+    return setting
+
+
+def default_threads(batch_threads: int) -> int:
+    """Threads per network call so that `batch_threads` concurrent batches share the cores
+    instead of oversubscribing them."""
+    return max(1, len(os.sched_getaffinity(0)) // batch_threads)
+
+
+def open_network(runtime: str, path: Path, threads: int) -> Network:
+    """The network in `path` (ONNX) on `runtime`: RuntimeUnavailable if the runtime cannot
+    start here, RejectedModel if it cannot run this file."""
+    networks = {ONNXRUNTIME: OnnxRuntimeNetwork, OPENVINO: OpenVinoNetwork}
+    if runtime not in networks:
+        raise RuntimeUnavailable(f"{runtime!r} is not an accelerated runtime")
+    try:
+        module = importlib.import_module(runtime)
+    except Exception as exc:  # a broken install raises more than ImportError
+        raise RuntimeUnavailable(f"{runtime} does not import: {_first_line(exc)}") from exc
+    try:
+        return networks[runtime](module, path, threads)
+    except Exception as exc:  # each runtime raises its own types for a file it cannot run
+        raise RejectedModel(f"{runtime} cannot load {path.name}: {_first_line(exc)}") from exc
+
+
+class OnnxRuntimeNetwork:
+    runtime = ONNXRUNTIME
+
+    def __init__(self, ort: Any, path: Path, threads: int) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Spinning threads burn the cores the other batches and the decoder need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self._output = self._session.get_outputs()[0].name
+
+    def run(self, pixels: np.ndarray) -> np.ndarray:
+        return np.asarray(self._session.run([self._output], {ONNX_INPUT: pixels})[0], np.float32)
+
+
+class OpenVinoNetwork:
+    runtime = OPENVINO
+
+    def __init__(self, ov: Any, path: Path, threads: int) -> None:
+        config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+        self._compiled = ov.Core().compile_model(str(path), "CPU", config)
+
+    def run(self, pixels: np.ndarray) -> np.ndarray:
+        request = self._compiled.create_infer_request()  # one per call: batches run concurrently
+        return np.asarray(request.infer({ONNX_INPUT: pixels})[0], np.float32)
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
