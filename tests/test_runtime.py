@@ -241,3 +241,39 @@ def test_graft_serve_refuses_a_runtime_it_cannot_honour(tmp_path: Path) -> None:
         "openvino, tensorflow"
     ]
     assert not any(tmp_path.iterdir())  # refused before the default model was installed
+
+
+def test_export_onnx_adds_the_network_to_an_older_version_as_a_new_version(
+    tmp_path: Path,
+) -> None:
+    from training.export import export_model
+
+    export = export_model(
+        make_tiny_model(3),
+        tmp_path / "export",
+        labels=["a", "b", "c"],
+        image_size=32,
+        backbone="tiny-cnn",
+        accelerated=False,
+    )
+    repository = ModelRepository(tmp_path / "models")
+    repository.publish(export, "old")
+    before = sorted(hash_tree(repository.version_dir("old", 1)).items())
+    graft = str(Path(sys.executable).parent / "graft")
+    root = ["--model-root", str(repository.root)]
+    result = subprocess.run(
+        [graft, "export-onnx", "old", "1", *root], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "2"
+    assert sorted(hash_tree(repository.version_dir("old", 1)).items()) == before
+    fast = LoadedModel.load(repository, "old", 2, ONNX)
+    assert fast.runtime == ONNXRUNTIME
+    images = _warmup_images(32)
+    original = LoadedModel.load(repository, "old", 1).predict(images)
+    assert np.abs(fast.predict(images) - original).max() <= AGREEMENT_TOLERANCE
+
+    from training.accelerate import CannotAccelerate, export_onnx
+
+    with pytest.raises(CannotAccelerate, match=r"old v2 already has onnx/model\.onnx; serve it"):
+        export_onnx(repository, "old", 2)

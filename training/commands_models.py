@@ -36,6 +36,7 @@ def register(app: typer.Typer) -> None:
     app.command("push")(push)
     app.command("predict")(predict)
     app.command("init-default")(init_default)
+    app.command("export-onnx")(export_onnx)
 
 
 @one_line_errors(OSError, ValueError)
@@ -199,3 +200,16 @@ def init_default(model_root: ModelRoot = Path("models")) -> None:
         typer.echo(f"model {DEFAULT_MODEL!r} already has version(s) {existing}; nothing to do")
         return
     typer.echo(create_default_model(repository))
+
+
+@one_line_errors(OSError, ValueError)
+def export_onnx(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[int, typer.Argument(help="A version exported without onnx/model.onnx.")],
+    model_root: ModelRoot = Path("models"),
+) -> None:
+    """Publish VERSION of NAME again with its network as ONNX (for the accelerated runtime),
+    as the next version; prints it. The old version stays as it was."""
+    from training.accelerate import export_onnx as accelerate
+
+    typer.echo(accelerate(ModelRepository(model_root), validate_name(name), version))
