@@ -1,7 +1,9 @@
 """`python -m bench [--quick] [--only S,...] [--skip S,...]`: measure, then rewrite the report.
 
 Sections (in run order): loadgen, ceiling, graft-http, graft-v2, graft-grpc, switch,
-graft-nobatch, tutorial, kserve, training (graft-http to switch share one graft start). Each
+graft-nobatch, tutorial, tutorial-onnx, kserve, training (graft-http to switch share one
+graft start). A section that cannot run here (KServe's venv missing in --quick, a model
+without its ONNX file) is skipped with one line saying why; the run still passes. Each
 writes bench/results/<section>.json as soon as it finishes, so a partial or failed run keeps
 what it measured and `--only` re-runs just what is missing.
 `--resume` finishes an interrupted run; `--report-only` re-renders BENCHMARKS.md and the plots
@@ -169,16 +171,23 @@ def _nan_to_none(value: Any) -> Any:
 
 
 class Runner:
-    """Runs the chosen sections; a section that fails is recorded and the run goes on."""
+    """Runs the chosen sections; a section that fails is recorded and the run goes on. One
+    that cannot run here (servers.Unavailable) is recorded as skipped, with its one line."""
 
     def __init__(self, ctx: Context, meta: dict[str, Any]) -> None:
-        self.ctx, self.meta, self.failed = ctx, meta, []
+        self.ctx, self.meta = ctx, meta
+        self.failed: list[str] = []
+        self.skipped: list[str] = []
 
     def one(self, section: str, measure: Callable[[], dict[str, Any]]) -> None:
         print(f"[bench] {section}", flush=True)
         started = time.monotonic()
         try:
             data = {"ok": True, **measure()}
+        except servers.Unavailable as exc:
+            print(f"[bench] {section} skipped: {exc}", flush=True)
+            data = {"ok": False, "skipped": str(exc)}
+            self.skipped.append(section)
         except Exception as exc:
             traceback.print_exc()
             data = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
@@ -211,14 +220,7 @@ def _raise(exc: Exception) -> dict[str, Any]:
 
 
 def _kserve_server(ctx: Context) -> AbstractContextManager[Server]:
-    if not servers.kserve_available():
-        if ctx.quick:
-            raise RuntimeError(
-                f"KServe's venv is missing and --quick has no time to build it: run "
-                f"{servers.KSERVE_SETUP} once (about 2 minutes)"
-            )
-        print(f"[bench] creating KServe's venv ({servers.KSERVE_SETUP})", flush=True)
-        subprocess.run(["bash", str(servers.KSERVE_SETUP)], check=True)
+    servers.ensure_kserve(build=not ctx.quick)
     return servers.kserve(ctx.model)
 
 
@@ -250,6 +252,11 @@ def plan(ctx: Context, chosen: list[str]) -> Iterator[tuple[str, Callable[[Runne
             ["tutorial"],
             lambda: servers.tutorial(model),
             {"tutorial": lambda s: sections.peer(ctx, s, "tutorial")},
+        ),
+        "tutorial-onnx": lambda r: r.with_server(
+            ["tutorial-onnx"],
+            lambda: servers.tutorial(model, "tutorial-onnx"),
+            {"tutorial-onnx": lambda s: sections.peer(ctx, s, "tutorial")},
         ),
         "kserve": lambda r: r.with_server(
             ["kserve"],
@@ -294,6 +301,8 @@ def main(argv: list[str]) -> int:
     print(f"[bench] measured in {time.monotonic() - started:.0f} s", flush=True)
     if not args.no_report:
         report.render()
+    if runner.skipped:
+        print(f"[bench] skipped (cannot run here, see above): {', '.join(runner.skipped)}")
     if runner.failed:
         print(f"[bench] FAILED sections: {', '.join(runner.failed)} (see bench/results/)")
         return 1

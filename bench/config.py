@@ -1,11 +1,15 @@
 """What a benchmark run measures and for how long: the full profile and the quick one."""
 
+import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from bench.images import REPO_ROOT
 
 BENCH_DIR = REPO_ROOT / "bench"
-RESULTS_DIR = BENCH_DIR / "results"  # gitignored: raw JSON, server logs, scratch repositories
+# gitignored: raw JSON, server logs, scratch repositories; GRAFT_BENCH_RESULTS puts a trial
+# run (or a sweep) elsewhere, so it cannot overwrite the figures of the last real run
+RESULTS_DIR = Path(os.environ.get("GRAFT_BENCH_RESULTS") or BENCH_DIR / "results")
 PLOTS_DIR = REPO_ROOT / "docs" / "bench"  # committed: the PNGs BENCHMARKS.md shows
 BENCHMARKS_MD = REPO_ROOT / "BENCHMARKS.md"
 VENV_BIN = REPO_ROOT / ".venv" / "bin"
@@ -14,17 +18,29 @@ KSERVE_PYTHON = BENCH_DIR / ".venv-kserve" / "bin" / "python"
 # In run order. Sections that share a server (the four graft ones) share one start-up.
 SECTIONS = (
     "loadgen",  # calibration: how fast the load generator can go, and its CPU per request
-    "ceiling",  # in-process serving_default on batches
+    "ceiling",  # in-process, per runtime: decode + network on batches (bench/ceiling.py)
     "graft-http",
     "graft-v2",  # Open Inference Protocol REST, binary tensor data, right after graft-http
     "graft-grpc",
     "switch",  # version published during a concurrency-16 run
     "graft-nobatch",  # GRAFT_MAX_BATCH_SIZE=1
-    "tutorial",  # bench/peers/tutorial_app.py
+    "tutorial",  # bench/peers/tutorial_app.py: the SavedModel's serving_default
+    "tutorial-onnx",  # bench/peers/tutorial_onnx_app.py: preprocess + the ONNX network
     "kserve",  # KServe ModelServer, bench/peers/kserve_model.py
     "training",  # bench/training_bench.py (the training engineer's)
 )
 QUICK_SKIPS = ("training",)  # minutes of training do not fit in `--quick`'s 3 minutes
+# The servers graft is compared with (each target "ahead of every peer" reads these).
+PEERS = ("tutorial", "tutorial-onnx", "kserve")
+SERVER_LABELS = {  # section -> how tables and plots name it
+    "graft-http": "graft HTTP",
+    "graft-grpc": "graft gRPC",
+    "graft-v2": "graft V2 REST (binary)",
+    "graft-nobatch": "graft HTTP, batching off",
+    "tutorial": "tutorial FastAPI (TensorFlow)",
+    "tutorial-onnx": "tutorial FastAPI (ONNX Runtime)",
+    "kserve": "KServe ModelServer",
+}
 
 
 @dataclass(frozen=True)
@@ -36,6 +52,7 @@ class Profile:
     ceiling_batches: tuple[int, ...]
     ceiling_callers: tuple[int, ...]  # threads calling the model at once, each on its batches
     ceiling_duration_s: float
+    ceiling_runtimes: str  # "all": every runtime installed here; "default": TF + graft's auto
     open_fractions: tuple[float, ...]  # open-loop rates, as fractions of the ceiling
     switch_duration_s: float
     peer_levels: tuple[int, ...]  # levels for graft-nobatch, tutorial and kserve
@@ -58,6 +75,7 @@ FULL = Profile(
     ceiling_batches=(1, 4, 16, 32),
     ceiling_callers=(1, 2),
     ceiling_duration_s=10.0,
+    ceiling_runtimes="all",
     open_fractions=(0.5, 0.8),
     switch_duration_s=45.0,
     peer_levels=(1, 4, 16, 64),
@@ -71,6 +89,7 @@ QUICK = Profile(
     ceiling_batches=(1, 4),
     ceiling_callers=(1, 2),
     ceiling_duration_s=2.0,
+    ceiling_runtimes="default",
     open_fractions=(0.5,),
     switch_duration_s=18.0,
     peer_levels=(16,),  # what the targets compare; keeps --quick under 3 minutes

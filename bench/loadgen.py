@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from bench.images import load_images
-from bench.meta import busy_cpu_seconds
+from bench.meta import CpuWindow
 from bench.stats import Sample, summarize
 from bench.targets import RequestFailed, Target, make_target
 
@@ -38,39 +38,40 @@ async def _timed(target: Target, payload: Any, start: float) -> Sample:
     return Sample(start, time.monotonic() - start, None, version)
 
 
-class Meter:
-    """CPU used by this process and by the whole machine between `start()` and `stop()`."""
+def cpu_figures(window: CpuWindow) -> dict[str, Any]:
+    """This process's CPU and the whole machine's over the measured window, and the instants
+    they cover, so the orchestrator counts the server's CPU over the very same span."""
+    return {
+        "loadgen_cpu_s": window.own_cpu_s,
+        "machine_busy_cpu_s": window.busy,
+        "cpu_window": [window.start_at, window.end_at],
+    }
 
-    def start(self) -> None:
-        self._cpu, self._busy = time.process_time(), busy_cpu_seconds()
 
-    def stop(self) -> dict[str, float]:
-        return {
-            "loadgen_cpu_s": time.process_time() - self._cpu,
-            "machine_busy_cpu_s": busy_cpu_seconds() - self._busy,
-        }
+async def _metered(window: tuple[float, float]) -> CpuWindow:
+    """CPU counted from the window's start to its end, not to the last answer: the requests
+    still in flight when it closes are served after it, and that work belongs to no figure."""
+    await asyncio.sleep(max(window[0] - time.monotonic(), 0.0))
+    meter = CpuWindow().start()
+    await asyncio.sleep(max(window[1] - time.monotonic(), 0.0))
+    return meter.stop()
 
 
 async def closed_loop(
     target: Target, payloads: list[Any], concurrency: int, warmup_s: float, duration_s: float
-) -> tuple[list[Sample], tuple[float, float], dict[str, float]]:
+) -> tuple[list[Sample], tuple[float, float], dict[str, Any]]:
     """Returns (samples, measured window, CPU used in it)."""
     begin = time.monotonic()
     window = (begin + warmup_s, begin + warmup_s + duration_s)
     samples: list[Sample] = []
-    meter = Meter()
-
-    async def start_meter() -> None:
-        await asyncio.sleep(warmup_s)
-        meter.start()
 
     async def client(index: int) -> None:
         while (now := time.monotonic()) < window[1]:
             samples.append(await _timed(target, payloads[index % len(payloads)], now))
             index += concurrency
 
-    await asyncio.gather(start_meter(), *(client(i) for i in range(concurrency)))
-    return samples, window, meter.stop()
+    meter, *_ = await asyncio.gather(_metered(window), *(client(i) for i in range(concurrency)))
+    return samples, window, cpu_figures(meter)
 
 
 def poisson_offsets(rate: float, total_s: float, seed: int) -> np.ndarray:
@@ -94,21 +95,18 @@ async def open_loop(
     warmup_s: float,
     duration_s: float,
     seed: int = 0,
-) -> tuple[list[Sample], tuple[float, float], dict[str, float]]:
+) -> tuple[list[Sample], tuple[float, float], dict[str, Any]]:
     """Returns (samples, measured window, CPU used in it + the worst dispatch lag)."""
     begin = time.monotonic()
     window = (begin + warmup_s, begin + warmup_s + duration_s)
     samples: list[Sample] = []
     in_flight: dict[asyncio.Task[Sample], float] = {}  # task -> scheduled start
     worst_lag = 0.0
-    meter: Meter | None = None
+    meter = asyncio.create_task(_metered(window))
     for i, offset in enumerate(poisson_offsets(rate, warmup_s + duration_s, seed)):
         scheduled = begin + float(offset)
         if (delay := scheduled - time.monotonic()) > 0:
             await asyncio.sleep(delay)
-        if meter is None and scheduled >= window[0]:
-            meter = Meter()
-            meter.start()
         # A load generator that cannot dispatch on time would understate latency; report it.
         worst_lag = max(worst_lag, time.monotonic() - scheduled)
         if len(in_flight) >= MAX_IN_FLIGHT:
@@ -117,8 +115,8 @@ async def open_loop(
         task = asyncio.create_task(_timed(target, payloads[i % len(payloads)], scheduled))
         in_flight[task] = scheduled
         task.add_done_callback(lambda t: _record(t, in_flight, samples))
-    # The window closes with the last arrival; answers still coming are awaited outside it.
-    cpu = meter.stop() if meter else {"loadgen_cpu_s": 0.0, "machine_busy_cpu_s": 0.0}
+    # The window closes after the last arrival; answers still coming are awaited outside it.
+    cpu = cpu_figures(await meter)
     await _drain(in_flight, samples, grace_s=max(10.0, duration_s))
     return samples, window, {**cpu, "worst_dispatch_lag_ms": 1000.0 * worst_lag}
 
@@ -142,11 +140,11 @@ def _result(
     run: dict[str, Any],
     samples: list[Sample],
     window: tuple[float, float],
-    cpu: dict[str, float],
+    cpu: dict[str, Any],
     keep_samples: bool,
 ) -> dict[str, Any]:
     summary = summarize(samples, *window)
-    span = window[1] - window[0]
+    span = cpu["cpu_window"][1] - cpu["cpu_window"][0]
     result = {
         **run,
         **asdict(summary),

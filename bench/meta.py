@@ -56,6 +56,8 @@ def machine() -> dict[str, Any]:
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
         "tensorflow": _dist("tensorflow"),
+        "onnxruntime": _dist("onnxruntime"),
+        "openvino": _dist("openvino"),
         "bentoml": _dist("bentoml"),
         "grpcio": _dist("grpcio"),
     }
@@ -78,18 +80,40 @@ def busy_cpu_seconds() -> float:
     return t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0)
 
 
-class CpuWindow:
-    """Machine-wide busy CPU over a block, to subtract the benchmark's own from."""
+def contention(machine_busy_s: float, own_s: float, span_s: float) -> dict[str, Any]:
+    """The contention verdict of one measured span: the share of the machine's CPU capacity
+    that processes other than ours used (`machine_busy_s` minus `own_s`, both over exactly
+    that span), and whether it passes CONTENTION_THRESHOLD. Every figure must cover the same
+    instants: busy CPU counted past the span's end (answers still arriving) while ours stops
+    at it reads as somebody else's work on a quiet machine."""
+    capacity = max(span_s, 1e-9) * (os.cpu_count() or 1)
+    foreign = max(machine_busy_s - own_s, 0.0) / capacity
+    return {"foreign_cpu_share": foreign, "contended": foreign > CONTENTION_THRESHOLD}
 
-    def __enter__(self) -> "CpuWindow":
-        self.start_busy, self.start = busy_cpu_seconds(), time.monotonic()
+
+class CpuWindow:
+    """Machine-wide busy CPU and this process's CPU (all its threads) between start() and
+    stop(), or over a `with` block, with the instants (time.monotonic()) they cover."""
+
+    def start(self) -> "CpuWindow":
+        self.start_busy, self.start_cpu = busy_cpu_seconds(), time.process_time()
+        self.start_at = time.monotonic()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> "CpuWindow":
         self.busy = busy_cpu_seconds() - self.start_busy
-        self.elapsed = time.monotonic() - self.start
+        self.own_cpu_s = time.process_time() - self.start_cpu
+        self.end_at = time.monotonic()
+        self.elapsed = self.end_at - self.start_at
+        return self
 
-    def foreign_share(self, own_cpu_s: float) -> float:
-        """Share of the machine's total CPU capacity used by processes that are not ours."""
-        capacity = self.elapsed * (os.cpu_count() or 1)
-        return max(self.busy - own_cpu_s, 0.0) / max(capacity, 1e-9)
+    def __enter__(self) -> "CpuWindow":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def contention(self, others_cpu_s: float = 0.0) -> dict[str, Any]:
+        """The verdict with this process and `others_cpu_s` (the benchmark's other processes
+        over the same window) counted as ours."""
+        return contention(self.busy, self.own_cpu_s + others_cpu_s, self.elapsed)

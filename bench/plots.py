@@ -8,16 +8,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on a server
 import matplotlib.pyplot as plt
 
-from bench.targets_check import Results, closed
-
-LABELS = {
-    "graft-http": "graft HTTP",
-    "graft-grpc": "graft gRPC",
-    "graft-v2": "graft V2 REST (binary)",
-    "graft-nobatch": "graft, batching off",
-    "tutorial": "tutorial FastAPI",
-    "kserve": "KServe ModelServer",
-}
+from bench.config import SERVER_LABELS as LABELS
+from bench.targets_check import Results, ceiling_of, closed
 
 
 def _series(results: Results, name: str, key: str) -> tuple[list[int], list[float]]:
@@ -35,9 +27,11 @@ def throughput(results: Results, path: Path) -> Path | None:
         x, y = _series(results, name, "throughput")
         if x:
             ax.plot(x, y, marker="o", label=label)
-    best = results.get("ceiling", {}).get("best_throughput_ips")
-    if best:
-        ax.axhline(best, linestyle="--", color="grey", label="in-process ceiling")
+    for runtime, style in (("tensorflow", ":"), (None, "--")):
+        best = ceiling_of(results, runtime)
+        if best and (runtime or best["runtime"] != "tensorflow"):
+            label = f"in-process ceiling, {best['runtime']}"
+            ax.axhline(best["best_throughput_ips"], linestyle=style, color="grey", label=label)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent clients (closed loop)")
     ax.set_ylabel("images / s")

@@ -4,16 +4,18 @@ Each server runs in its own process group so that stopping it also stops every w
 forked (BentoML runs one process per service), and memory is summed over the whole tree.
 """
 
+import bisect
 import os
 import signal
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import psutil
@@ -75,16 +77,39 @@ def tree_rss_cpu(procs: list[psutil.Process]) -> tuple[int, float]:
     return rss, cpu
 
 
+class TreeSample(NamedTuple):
+    t: float  # time.monotonic()
+    rss: int  # bytes, summed over the tree
+    pss: int  # bytes, summed over the tree (refreshed every `slow_every` samples)
+    cpu: float  # CPU seconds used by the tree so far
+    harness_cpu: float  # CPU seconds used by this process (the orchestrator) so far
+
+
+def interpolate(points: Sequence[tuple[float, float]], t: float) -> float:
+    """A cumulative counter's value at `t`, linear between the samples around it (clamped to
+    the first and last): the nearest sample alone is up to half an interval off at each end
+    of a window, a large error on a window of a few seconds."""
+    times = [p[0] for p in points]
+    i = bisect.bisect_left(times, t)
+    if i == 0:
+        return points[0][1]
+    if i == len(points):
+        return points[-1][1]
+    (t0, v0), (t1, v1) = points[i - 1], points[i]
+    return v0 + (v1 - v0) * (t - t0) / (t1 - t0) if t1 > t0 else v1
+
+
 @dataclass
 class TreeSampler:
     """Samples a process tree's RSS and CPU time every `interval_s` on a thread, and its PSS
     every `slow_every` samples (also when the tree is re-listed), for peaks and CPU use over
-    any time range afterwards. About 1-2 % of one core, so it barely disturbs the server."""
+    any time range afterwards; and the CPU this process spends meanwhile (sampling, publishing),
+    which is the benchmark's own work too. About 1-2 % of one core."""
 
     pid: int
     interval_s: float = 0.5
     slow_every: int = 10
-    samples: list[tuple[float, int, int, float]] = field(default_factory=list)  # t,rss,pss,cpu
+    samples: list[TreeSample] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
@@ -99,29 +124,36 @@ class TreeSampler:
                 procs, pss = tree(self.pid), tree_pss(procs)
             rss, cpu = tree_rss_cpu(procs)
             if rss:
-                self.samples.append((time.monotonic(), rss, pss, cpu))
+                self.samples.append(
+                    TreeSample(time.monotonic(), rss, pss, cpu, time.process_time())
+                )
             count += 1
             self._stop.wait(self.interval_s)
 
     def peak(self, start: float = 0.0, end: float = float("inf")) -> dict[str, float]:
-        inside = [s for s in self.samples if start <= s[0] <= end]
+        inside = [s for s in self.samples if start <= s.t <= end]
         if not inside:
             return {"rss_mib": float("nan"), "pss_mib": float("nan"), "samples": 0}
         return {
-            "rss_mib": max(s[1] for s in inside) / 2**20,
-            "pss_mib": max(s[2] for s in inside) / 2**20,
+            "rss_mib": max(s.rss for s in inside) / 2**20,
+            "pss_mib": max(s.pss for s in inside) / 2**20,
             "samples": len(inside),
         }
 
     def cpu_seconds(self, start: float, end: float) -> float:
-        """CPU the tree used between two instants (nearest samples; NaN without samples)."""
-        if not self.samples:
+        """CPU the tree used between two instants (interpolated; NaN without samples)."""
+        return self._between([(s.t, s.cpu) for s in self.samples], start, end)
+
+    def harness_cpu_seconds(self, start: float, end: float) -> float:
+        """CPU this process used between two instants (interpolated; 0 without samples)."""
+        points = [(s.t, s.harness_cpu) for s in self.samples]
+        return self._between(points, start, end) if points else 0.0
+
+    @staticmethod
+    def _between(points: list[tuple[float, float]], start: float, end: float) -> float:
+        if not points:
             return float("nan")
-
-        def at(t: float) -> float:
-            return min(self.samples, key=lambda s: abs(s[0] - t))[3]
-
-        return at(end) - at(start)
+        return interpolate(points, end) - interpolate(points, start)
 
     def stop(self) -> None:
         self._stop.set()

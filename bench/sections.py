@@ -18,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.ceiling import summarize as ceiling_summary
 from bench.config import BENCH_DIR, RESULTS_DIR, Profile
 from bench.images import REPO_ROOT
-from bench.meta import CONTENTION_THRESHOLD
-from bench.procs import Server
+from bench.meta import contention
+from bench.procs import Server, TreeSampler
 from bench.servers import Model
 from bench.stats import Sample, percentiles_ms
 
@@ -85,22 +85,22 @@ def load(
     spec = {"target": target, "images": ctx.images(), "runs": [run], "keep_samples": keep_samples}
     result = _subprocess_json(ctx, "bench.loadgen", spec, tag)[0]
     result["client"] = target["client"] if target["kind"] != "graft-grpc" else "grpc.aio"
-    _print_run(tag, annotate(result, server))
+    _print_run(tag, annotate(result, server.sampler if server else None))
     return result
 
 
-def annotate(result: dict[str, Any], server: Server | None) -> dict[str, Any]:
-    """Add the server's CPU over the measured window, and the share of the machine that other
-    processes took meanwhile (above CONTENTION_THRESHOLD the run is flagged)."""
-    start, end = result["window"]
-    span = end - start
-    server_cpu = server.sampler.cpu_seconds(start, end) if server else 0.0
-    own = server_cpu + result["loadgen_cpu_s"]
-    foreign = max(result["machine_busy_cpu_s"] - own, 0.0) / (span * (os.cpu_count() or 1))
+def annotate(result: dict[str, Any], sampler: TreeSampler | None) -> dict[str, Any]:
+    """Add the server's CPU over the span the load generator metered, and the share of the
+    machine that other processes took meanwhile (above CONTENTION_THRESHOLD the run is
+    flagged). Ours: the server's tree, the load generator and this orchestrator, each counted
+    over that one span."""
+    start, end = result.get("cpu_window") or result["window"]  # older results: the window
+    server_cpu = sampler.cpu_seconds(start, end) if sampler else 0.0
+    harness_cpu = sampler.harness_cpu_seconds(start, end) if sampler else 0.0
+    own = server_cpu + harness_cpu + result["loadgen_cpu_s"]
     result.update(
-        server_cpu_cores=server_cpu / span,
-        foreign_cpu_share=foreign,
-        contended=foreign > CONTENTION_THRESHOLD,
+        server_cpu_cores=server_cpu / (end - start),
+        **contention(result["machine_busy_cpu_s"], own, end - start),
     )
     return result
 
@@ -130,23 +130,36 @@ def open_rates(ctx: Context) -> list[float]:
     return [round(best * f, 1) for f in ctx.profile.open_fractions] if best else []
 
 
-def batch_stats(url: str) -> tuple[float, float]:
-    """(sum, count) of graft_inference_batch_size over every label set, from /metrics;
-    (0, 0) if the server has no such metric (the batch-size column then stays empty)."""
+def metric_samples(url: str, family_name: str) -> list[Any]:
+    """Every sample of one metric family on a server's /metrics; none if it cannot be read
+    or has no such metric (the columns that need it then stay empty)."""
     try:
         text = httpx.get(f"{url}/metrics", timeout=10).text
     except httpx.HTTPError:
-        return 0.0, 0.0
-    total = count = 0.0
-    for family in text_string_to_metric_families(text):
-        if family.name != "graft_inference_batch_size":
-            continue
-        for sample in family.samples:
-            if sample.name.endswith("_sum"):
-                total += sample.value
-            elif sample.name.endswith("_count"):
-                count += sample.value
-    return total, count
+        return []
+    return [
+        sample
+        for family in text_string_to_metric_families(text)
+        if family.name == family_name
+        for sample in family.samples
+    ]
+
+
+def batch_stats(url: str) -> tuple[float, float]:
+    """(sum, count) of graft_inference_batch_size over every label set."""
+    samples = metric_samples(url, "graft_inference_batch_size")
+    total = sum(s.value for s in samples if s.name.endswith("_sum"))
+    return total, sum(s.value for s in samples if s.name.endswith("_count"))
+
+
+def served_runtime(url: str, model: Model) -> str | None:
+    """The runtime graft runs `model`'s version on (graft_model_runtime), None if unknown."""
+    for sample in metric_samples(url, "graft_model_runtime"):
+        labels = sample.labels
+        ours = (labels.get("model"), labels.get("version")) == (model.name, str(model.version))
+        if ours and sample.value >= 1:
+            return labels.get("runtime")
+    return None
 
 
 def server_runs(
@@ -163,13 +176,16 @@ def server_runs(
     return [load(ctx, target, run, server, tag) for run in runs]
 
 
-def server_summary(server: Server, runs: list[dict[str, Any]]) -> dict[str, Any]:
+def server_summary(
+    server: Server, runs: list[dict[str, Any]], runtime: str | None = None
+) -> dict[str, Any]:
     first = min((r["window"][0] for r in runs), default=float("inf"))
     return {
         # which server start this was: sections compared "on the same start" check these
         "pid": server.process.pid,
         "ready_at": server.ready_at,
         "startup_s": server.startup_s,
+        "runtime": runtime,  # what runs the network: T5 and T13 compare like with like
         "memory_startup": server.sampler.peak(0.0, server.ready_at),
         "memory_idle": server.sampler.peak(server.ready_at, first),
         "memory_under_load": server.sampler.peak(first),
@@ -192,11 +208,40 @@ def calibration(ctx: Context, server: Server) -> dict[str, Any]:
     return {"runs": runs, "server": server_summary(server, runs)}
 
 
+def ceiling_runtimes(ctx: Context) -> tuple[list[str], dict[str, str]]:
+    """(runtimes to measure, runtime -> why not): TensorFlow always; with the model's ONNX
+    file the runtime graft will serve it on, and in the full profile every other one
+    installed here."""
+    from service.runtime.networks import ACCELERATED, TENSORFLOW, RuntimeUnavailable, installed
+    from service.runtime.networks import resolve as resolve_runtime
+
+    setting = ctx.graft_env.get("GRAFT_RUNTIME") or os.environ.get("GRAFT_RUNTIME") or "auto"
+    try:
+        wanted = [resolve_runtime(setting)]
+    except RuntimeUnavailable as exc:
+        wanted, skipped = [], {setting: str(exc)}
+    else:
+        skipped = {}
+    if ctx.profile.ceiling_runtimes == "all":
+        wanted += [r for r in ACCELERATED if installed(r)]
+    accelerated = [r for r in dict.fromkeys(wanted) if r != TENSORFLOW]
+    if accelerated and ctx.model.onnx is None:
+        skipped.update(
+            {r: f"{ctx.model.name} v{ctx.model.version} has no ONNX file" for r in accelerated}
+        )
+        accelerated = []
+    return [TENSORFLOW, *accelerated], skipped
+
+
 def ceiling(ctx: Context) -> dict[str, Any]:
     p = ctx.profile
+    runtimes, skipped = ceiling_runtimes(ctx)
+    for runtime, why in skipped.items():
+        print(f"  ceiling          {runtime} not measured: {why}", flush=True)
     spec = {
         "model_dir": str(ctx.model.path),
         "images": ctx.images(),
+        "runtimes": runtimes,
         "batch_sizes": list(p.ceiling_batches),
         "callers": list(p.ceiling_callers),
         "warmup_calls": 1 if ctx.quick else 3,
@@ -204,26 +249,28 @@ def ceiling(ctx: Context) -> dict[str, Any]:
     }
     rows = _subprocess_json(ctx, "bench.ceiling", spec, "ceiling")
     for row in rows:
+        flag = "  [measured under contention]" if row["contended"] else ""
         print(
-            f"  ceiling          batch={row['batch_size']:<4} callers={row['callers']:<3} "
-            f"{row['throughput_ips']:7.1f} img/s  p50 {row['latency_ms']['p50']:7.1f} ms",
+            f"  ceiling          {row['runtime']:<11} batch={row['batch_size']:<3} "
+            f"callers={row['callers']:<2} {row['throughput_ips']:7.1f} img/s  p50 "
+            f"{row['latency_ms']['p50']:7.1f} ms{flag}",
             flush=True,
         )
-    return ceiling_summary(rows)
+    return ceiling_summary(rows, skipped)
 
 
 def graft_http(ctx: Context, server: Server) -> dict[str, Any]:
     """POST /classify (multipart): the closed-loop levels, then the shared open-loop rates."""
-    return _graft_batched(ctx, server, "graft-http", open_loop=True)
+    return graft_batched(ctx, server, "graft-http", open_loop=True)
 
 
 def graft_v2(ctx: Context, server: Server) -> dict[str, Any]:
     """POST /v2/models/{name}/infer with binary tensor data, on graft-http's server start:
     the closed-loop levels, judged against /classify at 16 clients (T9)."""
-    return _graft_batched(ctx, server, "graft-v2", open_loop=False)
+    return graft_batched(ctx, server, "graft-v2", open_loop=False)
 
 
-def _graft_batched(ctx: Context, server: Server, kind: str, open_loop: bool) -> dict[str, Any]:
+def graft_batched(ctx: Context, server: Server, kind: str, open_loop: bool) -> dict[str, Any]:
     """Load runs against a graft HTTP route, each with the mean inference batch size it got."""
     target = {"kind": kind, "url": server.url, "model": ctx.model.name}
     plan = [closed_run(ctx, c) for c in ctx.profile.levels]
@@ -237,13 +284,21 @@ def _graft_batched(ctx: Context, server: Server, kind: str, open_loop: bool) -> 
         batches = after[1] - before[1]
         result["mean_batch_size"] = (after[0] - before[0]) / batches if batches else None
         runs.append(result)
-    return {"runs": runs, "server": server_summary(server, runs)}
+    return {
+        "runs": runs,
+        "server": server_summary(server, runs, served_runtime(server.url, ctx.model)),
+    }
 
 
 def graft_grpc(ctx: Context, server: Server) -> dict[str, Any]:
     target = {"kind": "graft-grpc", "address": server.grpc_address, "model": ctx.model.name}
     runs = server_runs(ctx, target, server, "graft-grpc", open_loop=False)
-    return {"runs": runs, "server": server_summary(server, runs)}
+    runtime = served_runtime(server.url, ctx.model)
+    return {"runs": runs, "server": server_summary(server, runs, runtime)}
+
+
+# The runtime each peer runs the network on; graft's own is read from its /metrics.
+PEER_RUNTIMES = {"tutorial": "tensorflow", "tutorial-onnx": "onnxruntime", "kserve": "tensorflow"}
 
 
 def peer(ctx: Context, server: Server, kind: str, open_loop: bool = True) -> dict[str, Any]:
@@ -252,7 +307,8 @@ def peer(ctx: Context, server: Server, kind: str, open_loop: bool = True) -> dic
     open_loop = open_loop and ctx.profile.peer_open_loop
     levels = ctx.profile.peer_levels
     runs = server_runs(ctx, target, server, server.name, open_loop=open_loop, levels=levels)
-    return {"runs": runs, "server": server_summary(server, runs)}
+    runtime = PEER_RUNTIMES.get(server.name) or served_runtime(server.url, ctx.model)
+    return {"runs": runs, "server": server_summary(server, runs, runtime)}
 
 
 def training(ctx: Context) -> dict[str, Any]:
@@ -371,7 +427,7 @@ def switch(ctx: Context, server: Server) -> dict[str, Any]:
     new = repository.publish(ctx.model.path, ctx.model.name)
     if loadgen.wait() != 0:
         raise RuntimeError("the load generator failed during the switch run")
-    result = annotate(json.loads(out_path.read_text())[0], server)
+    result = annotate(json.loads(out_path.read_text())[0], server.sampler)
     samples = [Sample(*row) for row in result.pop("samples")]
     analysis = analyze_switch(samples, tuple(result["window"]), published_at, new - 1, new)
     a, b = analysis["switch_window"]

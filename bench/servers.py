@@ -3,6 +3,7 @@
 import base64
 import json
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,6 +16,12 @@ from bench.config import BENCH_DIR, KSERVE_PYTHON, RESULTS_DIR, VENV_BIN
 from bench.images import REPO_ROOT
 from bench.procs import Server, free_port, http_ok, serve
 from bench.targets import multipart
+from service.store.layout import ONNX_FILE
+
+
+class Unavailable(RuntimeError):
+    """A server that cannot run here; the message is the one line that says why and what to
+    do. Its section is skipped, not failed."""
 
 
 @dataclass(frozen=True)
@@ -27,6 +34,20 @@ class Model:
     backbone: str
     image_size: int
     classes: int
+
+    @property
+    def onnx(self) -> Path | None:
+        """The version's accelerated network, if it was exported with one."""
+        path = self.path / ONNX_FILE
+        return path if path.is_file() else None
+
+    def require_onnx(self) -> Path:
+        if self.onnx is None:
+            raise Unavailable(
+                f"{self.name} v{self.version} has no {ONNX_FILE} (exported before graft "
+                "wrote one): export it again to measure the ONNX peers and runtimes"
+            )
+        return self.onnx
 
 
 def _probe_jpeg() -> bytes:
@@ -94,15 +115,24 @@ def graft(model: Model, label: str, env: dict[str, str] | None = None) -> Iterat
         yield server
 
 
+# section -> the tutorial app it serves: one FastAPI app, the SavedModel or its ONNX network
+TUTORIAL_APPS = {
+    "tutorial": "bench.peers.tutorial_app:app",
+    "tutorial-onnx": "bench.peers.tutorial_onnx_app:app",
+}
+
+
 @contextmanager
-def tutorial(model: Model) -> Iterator[Server]:
+def tutorial(model: Model, name: str = "tutorial") -> Iterator[Server]:
+    if name == "tutorial-onnx":
+        model.require_onnx()
     port = free_port()
-    cmd = [_python(), "-m", "uvicorn", "bench.peers.tutorial_app:app", "--host", "127.0.0.1"]
+    cmd = [_python(), "-m", "uvicorn", TUTORIAL_APPS[name], "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--no-access-log"]
     url = f"http://127.0.0.1:{port}"
     body, content_type = multipart({}, "file", _probe_jpeg())
     with serve(
-        "tutorial",
+        name,
         cmd,
         env={"MODEL_DIR": str(model.path)},
         ready=primed(f"{url}/healthz", f"{url}/predict", body, content_type),
@@ -113,11 +143,25 @@ def tutorial(model: Model) -> Iterator[Server]:
         yield server
 
 
+KSERVE_SETUP = BENCH_DIR / "peers" / "setup_kserve.sh"
+
+
 def kserve_available() -> bool:
     return KSERVE_PYTHON.exists()
 
 
-KSERVE_SETUP = BENCH_DIR / "peers" / "setup_kserve.sh"
+def ensure_kserve(build: bool) -> None:
+    """KServe's venv, built when missing if `build` (about 2 minutes); else Unavailable."""
+    if kserve_available():
+        return
+    setup = KSERVE_SETUP.relative_to(REPO_ROOT)
+    if not build:
+        raise Unavailable(
+            f"KServe's venv is missing and --quick does not build it (about 2 minutes): run "
+            f"`bash {setup}` once, or `make bench`"
+        )
+    print(f"[bench] creating KServe's venv ({setup}, about 2 minutes)", flush=True)
+    subprocess.run(["bash", str(KSERVE_SETUP)], check=True)
 
 
 @contextmanager

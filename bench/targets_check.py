@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from bench.config import PEERS
+
 Results = dict[str, dict[str, Any]]
 
 
@@ -36,26 +38,58 @@ def _ceiling(results: Results) -> dict[str, Any] | None:
     return data if data and data.get("ok") else None
 
 
+def ceiling_of(results: Results, runtime: str | None) -> dict[str, Any] | None:
+    """One runtime's in-process figures (best row, batch-1 latency); `runtime` None = the
+    fastest measured. A ceiling from before runtimes were measured is TensorFlow's."""
+    data = _ceiling(results)
+    if not data:
+        return None
+    runtimes = data.get("runtimes") or {"tensorflow": data}
+    if runtime is None:
+        runtime = max(runtimes, key=lambda name: runtimes[name]["best_throughput_ips"])
+    figures = runtimes.get(runtime)
+    return {"runtime": runtime, **figures} if figures else None
+
+
+def served_runtime(results: Results, section: str = "graft-http") -> str | None:
+    """The runtime a server ran the network on (graft's is read from its /metrics)."""
+    return ((results.get(section) or {}).get("server") or {}).get("runtime")
+
+
 def _missing(tid: str, target: str, what: str) -> Verdict:
     return Verdict(tid, target, f"not measured ({what})", None)
 
 
-def t1_ceiling_ratio(results: Results) -> Verdict:
-    target = "graft HTTP at concurrency 16 >= 0.85 x in-process ceiling throughput"
-    run, ceiling = closed(results, "graft-http", 16), _ceiling(results)
+def _vs_ceiling(
+    tid: str, target: str, results: Results, runtime: str | None, least: float
+) -> Verdict:
+    run, ceiling = closed(results, "graft-http", 16), ceiling_of(results, runtime)
     if not run or not ceiling:
-        return _missing("T1", target, "graft-http c16 and ceiling")
-    ratio = run["throughput_ips"] / ceiling["best_throughput_ips"]
+        return _missing(tid, target, f"graft-http c16 and the {runtime or 'fastest'} ceiling")
+    best = ceiling["best_throughput_ips"]
+    ratio = run["throughput_ips"] / best
     figure = (
-        f"{run['throughput_ips']:.1f} / {ceiling['best_throughput_ips']:.1f} img/s = {ratio:.2f} x"
+        f"{run['throughput_ips']:.1f} / {best:.1f} img/s ({ceiling['runtime']}, batch "
+        f"{ceiling['best_batch_size']} x {ceiling.get('best_callers', 1)}) = {ratio:.2f} x"
     )
-    return Verdict(
-        "T1",
-        target,
-        figure,
-        ratio >= 0.85,
-        run.get("contended", False) or ceiling.get("contended", False),
+    contended = run.get("contended", False) or ceiling.get("contended", False)
+    return Verdict(tid, target, figure, ratio >= least, contended)
+
+
+def t1_ceiling_ratio(results: Results) -> Verdict:
+    target = (
+        "graft HTTP at concurrency 16 >= 0.85 x the in-process ceiling of the fastest runtime "
+        "(decode + network, best batch x callers)"
     )
+    return _vs_ceiling("T1", target, results, None, 0.85)
+
+
+def t10_tensorflow_ceiling(results: Results) -> Verdict:
+    target = (
+        "graft HTTP at concurrency 16 >= 1.5 x the TensorFlow in-process ceiling "
+        "(serving_default, best batch x callers)"
+    )
+    return _vs_ceiling("T10", target, results, "tensorflow", 1.5)
 
 
 def _versus(
@@ -120,17 +154,19 @@ def t4_kserve(results: Results) -> Verdict:
 
 
 def t5_latency(results: Results) -> Verdict:
-    target = "concurrency 1: p50 <= in-process batch-1 latency + 10 ms"
-    run, ceiling = closed(results, "graft-http", 1), _ceiling(results)
+    target = "concurrency 1: p50 <= the same runtime's in-process batch-1 latency + 5 ms"
+    run, runtime = closed(results, "graft-http", 1), served_runtime(results)
+    ceiling = ceiling_of(results, runtime) if runtime else None
     if not run or not ceiling or not ceiling.get("batch1_latency_ms"):
-        return _missing("T5", target, "graft-http c1 and ceiling batch 1")
+        what = f"the {runtime} ceiling's batch 1" if runtime else "graft's runtime"
+        return _missing("T5", target, f"graft-http c1 and {what}")
     p50, base = run["latency_ms"]["p50"], ceiling["batch1_latency_ms"]["p50"]
-    figure = f"p50 {p50:.1f} ms vs {base:.1f} + 10 ms (overhead {p50 - base:+.1f} ms)"
+    figure = f"p50 {p50:.1f} ms vs {runtime} {base:.1f} + 5 ms (overhead {p50 - base:+.1f} ms)"
     return Verdict(
         "T5",
         target,
         figure,
-        p50 <= base + 10.0,
+        p50 <= base + 5.0,
         run.get("contended", False) or ceiling.get("contended", False),
     )
 
@@ -194,6 +230,92 @@ def t9_v2(results: Results) -> Verdict:
     return _versus("T9", target, "graft-v2", "graft-http", results, 0.95, False)
 
 
+PEER_LEVELS = (1, 4, 16, 64)  # the client counts at which graft must lead every peer
+
+
+def _beats_peers(
+    tid: str,
+    target: str,
+    results: Results,
+    levels: tuple[int, ...],
+    figure_of: Callable[[dict[str, Any]], float],
+    higher_wins: bool,
+    unit: str,
+) -> Verdict:
+    """graft HTTP against every peer at each level: missed if it loses any measured pair,
+    not measured if it wins all of them but some pair is missing."""
+    parts, missing, won, contended = [], [], True, False
+    for level in levels:
+        ours = closed(results, "graft-http", level)
+        if not ours:
+            missing.append(f"graft-http c{level}")
+            continue
+        cells = []
+        for peer in PEERS:
+            theirs = closed(results, peer, level)
+            if not theirs:
+                missing.append(f"{peer} c{level}")
+                continue
+            a, b = figure_of(ours), figure_of(theirs)
+            won = won and (a > b if higher_wins else a < b)
+            contended = contended or bool(ours.get("contended") or theirs.get("contended"))
+            cells.append(f"{peer} {b:.1f}")
+        if cells:
+            parts.append(f"c={level}: {figure_of(ours):.1f} vs {', '.join(cells)} {unit}")
+    figure = "; ".join(parts) or "nothing to compare"
+    if missing:
+        figure += f"; not measured: {', '.join(missing)}"
+    return Verdict(tid, target, figure, won if (not missing or not won) else None, contended)
+
+
+def t11_ahead_of_peers(results: Results) -> Verdict:
+    return _beats_peers(
+        "T11",
+        "graft HTTP throughput ahead of every peer (tutorial TF, tutorial ONNX, KServe) at "
+        "1, 4, 16 and 64 clients",
+        results,
+        PEER_LEVELS,
+        lambda run: run["throughput_ips"],
+        True,
+        "img/s",
+    )
+
+
+def t12_p99(results: Results) -> Verdict:
+    return _beats_peers(
+        "T12",
+        "graft HTTP p99 at 16 clients lower than every peer's",
+        results,
+        (16,),
+        lambda run: run["latency_ms"]["p99"],
+        False,
+        "ms",
+    )
+
+
+def _pss_under_load(results: Results, section: str) -> float | None:
+    data = results.get(section) or {}
+    pss = ((data.get("server") or {}).get("memory_under_load") or {}).get("pss_mib")
+    return pss if data.get("ok") and isinstance(pss, int | float) and pss == pss else None
+
+
+def t13_memory(results: Results) -> Verdict:
+    target = (
+        "memory: graft's PSS serving one model, under load, <= 1.2 x the tutorial app's on "
+        "the same runtime"
+    )
+    runtime = served_runtime(results)
+    if runtime is None:
+        return _missing("T13", target, "graft-http and its runtime")
+    peer = "tutorial" if runtime == "tensorflow" else "tutorial-onnx"
+    ours, theirs = _pss_under_load(results, "graft-http"), _pss_under_load(results, peer)
+    if ours is None or theirs is None:
+        return _missing("T13", target, f"graft-http and {peer} PSS under load")
+    ratio = ours / theirs
+    figure = f"{ours:.0f} vs {peer} {theirs:.0f} MiB = {ratio:.2f} x ({runtime})"
+    return Verdict("T13", target, figure, ratio <= 1.2)
+
+
 # (id, target, path into bench/training_bench.py's figures, threshold, higher is better, unit)
 TRAINING_TARGETS = (
     ("T8.1", "training: test accuracy >= 98 %", ("default", "accuracy"), 0.98, True, ""),
@@ -247,7 +369,19 @@ CHECKS: tuple[Callable[[Results], Verdict], ...] = (
     t6_grpc,
     t7_switch,
 )
+# Issue 15's (the accelerated runtime); T1 and T5 above are its versions of the older two.
+LATER_CHECKS: tuple[Callable[[Results], Verdict], ...] = (
+    t9_v2,
+    t10_tensorflow_ceiling,
+    t11_ahead_of_peers,
+    t12_p99,
+    t13_memory,
+)
 
 
 def verdicts(results: Results) -> list[Verdict]:
-    return [check(results) for check in CHECKS] + t8_training(results) + [t9_v2(results)]
+    return (
+        [check(results) for check in CHECKS]
+        + t8_training(results)
+        + [check(results) for check in LATER_CHECKS]
+    )

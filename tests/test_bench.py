@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -492,7 +493,7 @@ def test_report_renders_measured_runs_and_keeps_the_hand_written_text(
         (results_dir / f"{name}.json").write_text(json.dumps(_section(name, runs=runs)))
     document = tmp_path / "BENCHMARKS.md"
     document.write_text(
-        f"# Benchmarks\n\nT3: written by a person.\n\n{report.BEGIN}\nold\n"
+        f"# Benchmarks\n\nT3: written by a person.\nT11: and T12: too.\n\n{report.BEGIN}\nold\n"
         f"{report.END}\n\ntail kept\n"
     )
 
@@ -502,7 +503,7 @@ def test_report_renders_measured_runs_and_keeps_the_hand_written_text(
     assert "T3: written by a person." in text and "tail kept" in text and "\nold\n" not in text
     assert "tutorial FastAPI" in text and f"{runs[1]['throughput_ips']:.1f}" in text
     assert (tmp_path / "plots" / "throughput_vs_concurrency.png").stat().st_size > 1000
-    assert missing == []  # T3 is missed (1.0 x) but has its written cause
+    assert missing == []  # T3, T11, T12 are missed (the same runs) but have written causes
 
 
 def test_a_missed_target_without_a_written_cause_is_flagged(tmp_path: Path):
@@ -630,11 +631,11 @@ def test_the_report_names_the_ceiling_row_by_batch_and_callers():
     rows = [_ceiling_row(4, 1, 50.0, 80.0), _ceiling_row(4, 2, 58.0, 138.0)]
     results = {"ceiling": _section("ceiling", **ceiling_summary(rows))}
     assert report.ceiling_table(results)[2:] == [
-        "| 4 | 1 | 50.0 | 80.0 | 80.0 | – |",
-        "| 4 | 2 | 58.0 | 138.0 | 138.0 | – |",
+        "| tensorflow | 4 | 1 | – | 50.0 | 80.0 | 80.0 | – |",
+        "| tensorflow | 4 | 2 | – | 58.0 | 138.0 | 138.0 | – |",
     ]
     assert report.throughput_table(results)[-1].startswith(
-        "| in-process ceiling (batch 4 x 2 callers) |"
+        "| in-process ceiling, tensorflow (batch 4 x 2 callers) |"
     )
 
 
@@ -642,9 +643,9 @@ def test_a_ceiling_measured_before_callers_renders_as_one_caller():
     old_row = {k: v for k, v in _ceiling_row(4, 1, 50.1, 80.0).items() if k != "callers"}
     old = _section("ceiling", rows=[old_row], best_throughput_ips=50.1, best_batch_size=4)
     results = {"ceiling": old}
-    assert report.ceiling_table(results)[2] == "| 4 | 1 | 50.1 | 80.0 | 80.0 | – |"
+    assert report.ceiling_table(results)[2] == "| tensorflow | 4 | 1 | – | 50.1 | 80.0 | 80.0 | – |"
     assert report.throughput_table(results)[-1].startswith(
-        "| in-process ceiling (batch 4 x 1 caller) |"
+        "| in-process ceiling, tensorflow (batch 4 x 1 caller) |"
     )
 
 
@@ -668,3 +669,366 @@ def test_profile_summary_attributes_samples_to_the_innermost_process(tmp_path: P
     text = summarize(raw)
     assert "'graft-inference': 30" in text and "'graft': 10" in text
     assert "| 100.0 | `infer (b.py:2)` |" in text
+
+
+# -- the tutorial app on the ONNX artefact ---------------------------------------------------
+
+
+def _tutorial_app(app: str, model_dir: Path, logs: Path):
+    port = free_port()
+    cmd = [sys.executable, "-m", "uvicorn", app, "--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    return serve(
+        app.split(":")[0].rsplit(".", 1)[-1],
+        cmd,
+        env={"MODEL_DIR": str(model_dir)},
+        ready=http_ok(f"{url}/healthz"),
+        url=url,
+        log_dir=logs,
+        cwd=REPO,
+        timeout_s=120,
+    )
+
+
+def test_the_onnx_tutorial_app_answers_as_the_savedmodel_one(
+    model_dir: Path, tutorial_url: str, tmp_path: Path
+):
+    """A real request on loopback: the ONNX app (preprocess + onnx/model.onnx on ONNX Runtime)
+    gives the labels and probabilities the TensorFlow app gives; junk is its 400."""
+    import httpx
+
+    assert (model_dir / "onnx" / "model.onnx").is_file()
+    photo = encode(random_rgb(48, 40, 7), "JPEG")
+    with _tutorial_app("bench.peers.tutorial_onnx_app:app", model_dir, tmp_path) as server:
+        answers = [
+            httpx.post(
+                f"{url}/predict?top_k=2", files={"file": ("a.jpg", photo)}, timeout=60
+            ).json()
+            for url in (server.url, tutorial_url)
+        ]
+        junk = httpx.post(f"{server.url}/predict", files={"file": ("a.jpg", b"nope")}, timeout=60)
+    onnx, saved_model = answers
+    assert onnx["label"] == saved_model["label"] and onnx["label"] in ("a", "b")
+    assert [t["label"] for t in onnx["top_k"]] == [t["label"] for t in saved_model["top_k"]]
+    for ours, theirs in zip(onnx["top_k"], saved_model["top_k"], strict=True):
+        assert ours["score"] == pytest.approx(theirs["score"], abs=1e-4)
+    assert junk.status_code == 400 and junk.json()["detail"] == "not a decodable image"
+
+
+def test_a_model_without_its_onnx_file_skips_the_onnx_peer_with_one_line(tmp_path: Path):
+    from bench.servers import Unavailable, tutorial
+
+    model = Model("old", 3, tmp_path, "tiny", 8, 2)
+    expected = r"^old v3 has no onnx/model.onnx .*export it again"
+    with pytest.raises(Unavailable, match=expected), tutorial(model, "tutorial-onnx"):
+        pass
+
+
+# -- the ceiling per runtime ------------------------------------------------------------------
+
+
+def test_the_onnx_ceiling_runs_the_serving_path_and_agrees_with_serving_default(
+    model_dir: Path, image_dir: Path
+):
+    """preprocess + the ONNX network (threads per call as graft gives that many batch
+    threads) gives serving_default's probabilities, and measures a row per batch x callers."""
+    import tensorflow as tf
+
+    from bench.ceiling import serving_path
+    from service.runtime.networks import default_threads
+
+    images = load_images(image_dir, 4)
+    loaded = tf.saved_model.load(str(model_dir))
+    fast = serving_path("onnxruntime", model_dir, loaded, 1)(images)
+    reference = serving_path("tensorflow", model_dir, loaded, 1)(images)
+    assert fast.shape == reference.shape == (4, 2)
+    np.testing.assert_allclose(fast, reference, atol=1e-4)
+
+    rows = measure(model_dir, images, [1, 2], [1, 2], 1, 0.3, runtime="onnxruntime")
+    assert [(r["runtime"], r["batch_size"], r["callers"]) for r in rows] == [
+        ("onnxruntime", 1, 1),
+        ("onnxruntime", 1, 2),
+        ("onnxruntime", 2, 1),
+        ("onnxruntime", 2, 2),
+    ]
+    assert [r["threads"] for r in rows] == [default_threads(1), default_threads(2)] * 2
+    assert all(r["calls"] > 0 and "contended" in r for r in rows)
+
+
+def test_the_ceiling_section_measures_tensorflow_and_graft_s_runtime(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from bench.sections import ceiling_runtimes
+
+    monkeypatch.delenv("GRAFT_RUNTIME", raising=False)  # graft's default: auto
+
+    onnx = tmp_path / "onnx" / "model.onnx"
+    onnx.parent.mkdir()
+    onnx.write_bytes(b"")
+    ctx = Context(QUICK, True, Model("m", 1, tmp_path, "tiny", 8, 2), REPO, sys.executable)
+    assert ceiling_runtimes(ctx) == (["tensorflow", "onnxruntime"], {})
+    on_tf = replace(ctx, graft_env={"GRAFT_RUNTIME": "tensorflow"})
+    assert ceiling_runtimes(on_tf) == (["tensorflow"], {})
+    onnx.unlink()
+    runtimes, skipped = ceiling_runtimes(ctx)
+    assert runtimes == ["tensorflow"] and skipped == {"onnxruntime": "m v1 has no ONNX file"}
+
+
+def test_each_runtime_has_its_best_row_and_the_fastest_is_the_ceiling():
+    rows = [
+        {**_ceiling_row(1, 1, 30.0, 33.0), "runtime": "tensorflow"},
+        {**_ceiling_row(4, 2, 58.0, 138.0), "runtime": "tensorflow"},
+        {**_ceiling_row(1, 1, 70.0, 14.0), "runtime": "onnxruntime"},
+        {**_ceiling_row(4, 2, 95.0, 84.0), "runtime": "onnxruntime"},
+    ]
+    summary = ceiling_summary(rows)
+    assert summary["fastest_runtime"] == "onnxruntime" and summary["best_throughput_ips"] == 95.0
+    assert summary["runtimes"]["tensorflow"]["best_throughput_ips"] == 58.0
+    assert summary["runtimes"]["onnxruntime"]["batch1_latency_ms"]["p50"] == 14.0
+    lines = report.throughput_table({"ceiling": _section("ceiling", **summary)})
+    assert lines[-2].startswith("| in-process ceiling, tensorflow (batch 4 x 2 callers) |")
+    assert lines[-2].endswith("| 0.61 |") and lines[-1].endswith("| 1.00 |")
+
+
+# -- the contention detector ------------------------------------------------------------------
+
+
+def test_the_load_generator_meters_cpu_over_the_window_not_until_the_last_answer():
+    """Answers that arrive after the window closes (their server still busy with them) used to
+    extend the machine-wide CPU count past the window, while the server's CPU stopped at it:
+    a quiet machine read as contended. The meter now covers the window and says so."""
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answers its one request 1.5 s late, then closes (the client reconnects)."""
+        await _read_request(reader)
+        await asyncio.sleep(1.5)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+
+    async def scenario():
+        from bench.loadgen import closed_loop
+
+        server = await asyncio.start_server(slow, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        target = make_target({"kind": "tutorial", "url": url, "model": "-"}, 2)
+        payloads = [target.prepare(b"jpeg")]
+        measured = await closed_loop(target, payloads, 2, warmup_s=0.1, duration_s=0.5)
+        await target.close()
+        server.close()
+        return measured
+
+    samples, window, cpu = asyncio.run(scenario())
+    last_answer = max(s.start + s.latency_s for s in samples)
+    # the meter wakes at the window's edges (a busy machine may wake it a little late) ...
+    assert -0.01 < cpu["cpu_window"][0] - window[0] < 0.4
+    assert -0.01 < cpu["cpu_window"][1] - window[1] < 0.4
+    # ... and not at the last answer, which came 1.5 s after its request, long after the end
+    assert last_answer - cpu["cpu_window"][1] > 0.5
+
+
+def _sampler(cores_busy: float, harness_cores: float):
+    """A TreeSampler holding samples every 0.5 s of a server tree using `cores_busy` cores
+    and this process `harness_cores`: the detector's input, without any live process."""
+    from bench.procs import TreeSample, TreeSampler
+
+    points = [
+        TreeSample(t / 2, 1 << 20, 1 << 20, cores_busy * t / 2, harness_cores * t / 2)
+        for t in range(21)
+    ]
+    sampler = TreeSampler(2**22 + 1, samples=points)  # a pid no process has: nothing added
+    sampler.stop()
+    return sampler
+
+
+@pytest.mark.parametrize(("foreign_cores", "contended"), [(0.0, False), (0.3, True)])
+def test_contention_counts_only_other_processes_over_the_metered_span(foreign_cores, contended):
+    """The server using (almost) every core, the metered span between two samples: only CPU
+    that none of the benchmark's processes used counts as contention. Read with the nearest
+    sample and without the harness's own CPU, the quiet case was 15 % 'foreign'."""
+    import os
+
+    from bench.sections import annotate
+
+    cores = os.cpu_count() or 1
+    server, harness, loadgen = 0.95 * cores, 0.02 * cores, 0.1
+    sampler = _sampler(server, harness)
+    start, end = 2.26, 5.24
+    span = end - start
+    result = {
+        "window": [start, end],
+        "cpu_window": [start, end],
+        "loadgen_cpu_s": loadgen,
+        "machine_busy_cpu_s": (server + harness + foreign_cores * cores) * span + loadgen,
+    }
+    annotate(result, sampler)
+    assert result["contended"] is contended
+    assert result["foreign_cpu_share"] == pytest.approx(foreign_cores, abs=0.01)
+    assert result["server_cpu_cores"] == pytest.approx(server, rel=0.01)
+
+
+def test_a_window_outside_the_samples_reads_the_nearest_end():
+    from bench.procs import interpolate
+
+    points = [(1.0, 10.0), (2.0, 20.0), (4.0, 20.0)]
+    assert [interpolate(points, t) for t in (0.0, 1.5, 3.0, 9.0)] == [10.0, 15.0, 20.0, 20.0]
+
+
+# -- sections that cannot run here ----------------------------------------------------------
+
+
+def test_quick_without_kserve_s_venv_skips_it_with_one_line_and_passes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    """A fresh clone has no bench/.venv-kserve: --quick must not fail on it (it has no time
+    to build it), but say in one line how to get it; the section is recorded as skipped."""
+    import bench.__main__ as bench_main
+    from bench import servers
+
+    monkeypatch.setattr(servers, "KSERVE_PYTHON", tmp_path / "no-venv" / "bin" / "python")
+    monkeypatch.setattr(bench_main, "RESULTS_DIR", tmp_path)
+    ctx = Context(QUICK, True, Model("m", 1, tmp_path, "tiny", 8, 2), tmp_path, sys.executable)
+    runner = bench_main.Runner(ctx, _section("kserve")["meta"])
+    for _, step in plan(ctx, ["kserve"]):
+        step(runner)
+    assert (runner.failed, runner.skipped) == ([], ["kserve"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "skipped" in line]
+    assert len(lines) == 1 and "bench/peers/setup_kserve.sh" in lines[0], lines
+    saved = json.loads((tmp_path / "kserve.json").read_text())
+    assert saved["ok"] is False and saved["skipped"].startswith("KServe's venv is missing")
+    row = report.runs_table({"kserve": saved})[2]
+    assert "| skipped: KServe's venv is missing" in row and "FAILED" not in row
+    assert (tmp_path / "no-venv").exists() is False  # nothing was built
+
+
+# -- issue 15's targets ---------------------------------------------------------------------
+
+
+def _run(concurrency: int, ips: float, p50: float = 40.0, p99: float = 500.0) -> dict:
+    return {
+        **_c16(ips, p99),
+        "concurrency": concurrency,
+        "latency_ms": {"p50": p50, "p95": p99, "p99": p99},
+    }
+
+
+def _issue15_results(graft_ips: float, peer_ips: float, graft_p99: float = 400.0) -> dict:
+    levels = (1, 4, 16, 64)
+    server = {"runtime": "onnxruntime", "memory_under_load": {"pss_mib": 1100.0}}
+    results = {
+        "graft-http": _section(
+            "graft-http",
+            runs=[_run(c, graft_ips, p50=18.0, p99=graft_p99) for c in levels],
+            server=server,
+        ),
+        "ceiling": _section(
+            "ceiling",
+            **ceiling_summary(
+                [
+                    {**_ceiling_row(4, 2, 40.0, 80.0), "runtime": "tensorflow"},
+                    {**_ceiling_row(1, 1, 70.0, 14.0), "runtime": "onnxruntime"},
+                    {**_ceiling_row(4, 2, 100.0, 84.0), "runtime": "onnxruntime"},
+                ]
+            ),
+        ),
+    }
+    for peer, pss in (("tutorial", 1200.0), ("tutorial-onnx", 1000.0), ("kserve", 1300.0)):
+        results[peer] = _section(
+            peer,
+            runs=[_run(c, peer_ips, p99=500.0) for c in levels],
+            server={"memory_under_load": {"pss_mib": pss}},
+        )
+    return results
+
+
+def _verdict(results: dict, tid: str):
+    [verdict] = [v for v in verdicts(results) if v.target_id == tid]
+    return verdict
+
+
+def test_graft_is_judged_against_the_fastest_runtime_and_against_tensorflow():
+    results = _issue15_results(graft_ips=86.0, peer_ips=50.0)
+    t1, t10 = _verdict(results, "T1"), _verdict(results, "T10")
+    assert t1.met is True and "86.0 / 100.0 img/s (onnxruntime, batch 4 x 2) = 0.86 x" in t1.figure
+    assert t10.met is True and "(tensorflow, batch 4 x 2) = 2.15 x" in t10.figure
+    slower = _issue15_results(graft_ips=59.0, peer_ips=50.0)
+    assert (_verdict(slower, "T1").met, _verdict(slower, "T10").met) == (False, False)
+
+
+def test_one_client_is_judged_against_the_same_runtime_s_batch_1_latency():
+    results = _issue15_results(graft_ips=86.0, peer_ips=50.0)  # p50 18 ms vs onnxruntime 14
+    t5 = _verdict(results, "T5")
+    assert t5.met is True and "onnxruntime 14.0 + 5 ms (overhead +4.0 ms)" in t5.figure
+    results["graft-http"]["server"]["runtime"] = "tensorflow"  # tensorflow's row: no batch 1
+    assert _verdict(results, "T5").met is None
+    del results["graft-http"]["server"]["runtime"]
+    assert "graft's runtime" in _verdict(results, "T5").figure
+
+
+def test_graft_must_lead_every_peer_at_every_level_and_on_p99_at_16():
+    ahead = _issue15_results(graft_ips=60.0, peer_ips=50.0)
+    assert _verdict(ahead, "T11").met is True and _verdict(ahead, "T12").met is True
+    assert "c=64: 60.0 vs tutorial 50.0, tutorial-onnx 50.0, kserve 50.0 img/s" in (
+        _verdict(ahead, "T11").figure
+    )
+    behind_once = _issue15_results(graft_ips=60.0, peer_ips=50.0, graft_p99=600.0)
+    behind_once["kserve"]["runs"][1]["throughput_ips"] = 61.0  # at 4 clients
+    assert _verdict(behind_once, "T11").met is False and _verdict(behind_once, "T12").met is False
+    no_kserve = _issue15_results(graft_ips=60.0, peer_ips=50.0)
+    del no_kserve["kserve"]
+    t11 = _verdict(no_kserve, "T11")
+    assert t11.met is None and "not measured: kserve c1, kserve c4" in t11.figure
+
+
+def test_graft_s_memory_is_judged_against_the_tutorial_app_on_its_runtime():
+    results = _issue15_results(graft_ips=60.0, peer_ips=50.0)
+    t13 = _verdict(results, "T13")  # 1100 vs the ONNX tutorial's 1000
+    assert t13.met is True and "1100 vs tutorial-onnx 1000 MiB = 1.10 x" in t13.figure
+    results["graft-http"]["server"]["runtime"] = "tensorflow"  # vs 1200: still met
+    assert "tutorial 1200" in _verdict(results, "T13").figure
+    results["graft-http"]["server"].update(runtime="onnxruntime")
+    results["graft-http"]["server"]["memory_under_load"]["pss_mib"] = 1250.0
+    assert _verdict(results, "T13").met is False
+
+
+# -- the batcher sweep ----------------------------------------------------------------------
+
+
+def test_the_sweep_tries_every_combination_in_order():
+    from bench.sweep import grid, parse_args
+
+    args = parse_args(["--set", "GRAFT_MAX_BATCH_SIZE=2,4", "--set", "GRAFT_BATCH_THREADS=1,3"])
+    assert grid(args.settings) == [
+        {"GRAFT_MAX_BATCH_SIZE": "2", "GRAFT_BATCH_THREADS": "1"},
+        {"GRAFT_MAX_BATCH_SIZE": "2", "GRAFT_BATCH_THREADS": "3"},
+        {"GRAFT_MAX_BATCH_SIZE": "4", "GRAFT_BATCH_THREADS": "1"},
+        {"GRAFT_MAX_BATCH_SIZE": "4", "GRAFT_BATCH_THREADS": "3"},
+    ]
+    assert args.levels == (16,)
+    with pytest.raises(SystemExit):
+        parse_args(["--set", "GRAFT_MAX_BATCH_SIZE"])
+
+
+def test_the_sweep_table_puts_the_best_first_and_keeps_failures():
+    from bench.sweep import table
+
+    def point(size: str, ips: float, batch: float) -> dict:
+        run = {**_run(16, ips, p99=300.0), "mean_batch_size": batch}
+        return {
+            "ok": True,
+            "env": {"GRAFT_MAX_BATCH_SIZE": size},
+            "round": 1,
+            "runs": [run],
+            "server": {"runtime": "onnxruntime"},
+        }
+
+    failed = {
+        "ok": False,
+        "env": {"GRAFT_MAX_BATCH_SIZE": "64"},
+        "round": 1,
+        "error": "ServerFailed: not ready",
+    }
+    lines = table([point("2", 40.0, 1.9), failed, point("4", 45.5, 3.6)], (16,))
+    assert lines[2] == "| GRAFT_MAX_BATCH_SIZE=4 | 1 | onnxruntime | 45.5 | 300 | 3.60 | no |"
+    assert lines[3].startswith("| GRAFT_MAX_BATCH_SIZE=2 | 1 | onnxruntime | 40.0 |")
+    assert lines[4] == "| GRAFT_MAX_BATCH_SIZE=64 | 1 | FAILED: ServerFailed: not ready |"
