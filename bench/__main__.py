@@ -1,11 +1,11 @@
 """`python -m bench [--quick] [--only S,...] [--skip S,...]`: measure, then rewrite the report.
 
 Sections (in run order): loadgen, ceiling, graft-http, graft-v2, graft-grpc, switch,
-graft-nobatch, tutorial, tutorial-onnx, kserve, training (graft-http to switch share one
+graft-nobatch, tutorial, tutorial-onnx, kserve, training, gpu (graft-http to switch share one
 graft start). A section that cannot run here (KServe's venv missing in --quick, a model
-without its ONNX file) is skipped with one line saying why; the run still passes. Each
-writes bench/results/<section>.json as soon as it finishes, so a partial or failed run keeps
-what it measured and `--only` re-runs just what is missing.
+without its ONNX file, gpu without a GPU) is skipped with one line saying why; the run still
+passes. Each writes bench/results/<section>.json as soon as it finishes, so a partial or
+failed run keeps what it measured and `--only` re-runs just what is missing.
 `--resume` finishes an interrupted run; `--report-only` re-renders BENCHMARKS.md and the plots
 from the JSON already there. Figures measured while other work used the CPU are labelled
 "measured under contention" in the report.
@@ -264,6 +264,7 @@ def plan(ctx: Context, chosen: list[str]) -> Iterator[tuple[str, Callable[[Runne
             {"kserve": lambda s: sections.peer(ctx, s, "kserve")},
         ),
         "training": lambda r: r.one("training", lambda: sections.training(ctx)),
+        "gpu": lambda r: r.one("gpu", lambda: sections.gpu(ctx)),
     }
     first_graft = graft_names[0] if graft_names else None
     for name in chosen:

@@ -28,6 +28,7 @@ SECTIONS = (
     "tutorial-onnx",  # bench/peers/tutorial_onnx_app.py: preprocess + the ONNX network
     "kserve",  # KServe ModelServer, bench/peers/kserve_model.py
     "training",  # bench/training_bench.py (the training engineer's)
+    "gpu",  # graft on an NVIDIA GPU, only where one is visible (bench/gpu.py)
 )
 QUICK_SKIPS = ("training",)  # minutes of training do not fit in `--quick`'s 3 minutes
 # The servers graft is compared with (each target "ahead of every peer" reads these).

@@ -304,6 +304,38 @@ def training_table(results: Results) -> list[str]:
     return lines
 
 
+def gpu_table(results: Results) -> list[str]:
+    """The gpu section: the network alone per batch size, decode per core, graft served."""
+    data = results.get("gpu")
+    if not data or not data.get("ok"):
+        return []
+    lines = [
+        f"Device {data['device']}.",
+        "",
+        "| measured | batch / workers / clients | images/s | p50 ms | p99 ms |",
+        "|---|---|---|---|---|",
+    ]
+    for row in data["sweep"]:
+        lat = row["latency_ms"]
+        lines.append(
+            f"| network alone ({row['runtime']}) | batch {row['batch_size']} "
+            f"| {_f(row['throughput_ips'])} | {_f(lat['p50'], 2)} | {_f(lat['p99'], 2)} |"
+        )
+    for row in data["decode"]:
+        lines.append(
+            f"| decode (preprocess), {_f(row['images_per_cpu_s'])} img per CPU-second "
+            f"| {row['workers']} workers | {_f(row['throughput_ips'])} | – | – |"
+        )
+    for run in data["runs"]:
+        lat = run["latency_ms"]
+        lines.append(
+            f"| graft HTTP, mean batch {_f(run.get('mean_batch_size'))} "
+            f"| {run['concurrency']} clients | {_f(run['throughput_ips'])} "
+            f"| {_f(lat['p50'])} | {_f(lat['p99'])} |"
+        )
+    return lines
+
+
 def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     items: list[tuple[str, Any]] = []
     for key, value in d.items():
@@ -335,6 +367,7 @@ def generated_markdown(results: Results, plots: list[str]) -> str:
         ("Version switch at concurrency 16", switch_table(results)),
         ("Serving memory", memory_table(results)),
         ("Training (bench/training_bench.py)", training_table(results)),
+        ("GPU (bench/gpu.py)", gpu_table(results)),
         ("Plots", [f"![{Path(p).stem}]({p})" for p in plots]),
     ]
     body = [BEGIN, ""]

@@ -270,10 +270,16 @@ def graft_v2(ctx: Context, server: Server) -> dict[str, Any]:
     return graft_batched(ctx, server, "graft-v2", open_loop=False)
 
 
-def graft_batched(ctx: Context, server: Server, kind: str, open_loop: bool) -> dict[str, Any]:
+def graft_batched(
+    ctx: Context,
+    server: Server,
+    kind: str,
+    open_loop: bool,
+    levels: tuple[int, ...] | None = None,
+) -> dict[str, Any]:
     """Load runs against a graft HTTP route, each with the mean inference batch size it got."""
     target = {"kind": kind, "url": server.url, "model": ctx.model.name}
-    plan = [closed_run(ctx, c) for c in ctx.profile.levels]
+    plan = [closed_run(ctx, c) for c in (levels or ctx.profile.levels)]
     if open_loop:
         plan += [open_run(ctx, rate) for rate in open_rates(ctx)]
     runs = []
@@ -329,6 +335,51 @@ def training(ctx: Context) -> dict[str, Any]:
     if done.returncode != 0:
         raise RuntimeError(f"bench.training_bench.run failed (exit {done.returncode})")
     return {"figures": json.loads(out.read_text())}
+
+
+def gpu(ctx: Context) -> dict[str, Any]:
+    """graft on an NVIDIA GPU, only where one is visible (else servers.Unavailable, one line):
+    the network alone at batch sizes 1..256 on the GPU, graft's decode per CPU core, and
+    `graft serve` with GRAFT_DEVICE=gpu at 1, 16, 64 and 256 clients (bench/gpu.py)."""
+    from bench import gpu as gpu_bench
+    from bench import servers
+
+    device = gpu_bench.require_gpu()
+    onnx = ctx.model.require_onnx()
+    p = ctx.profile
+    sweep_spec = {
+        "part": "sweep",
+        "onnx": str(onnx),
+        "device": str(device),
+        "batch_sizes": list(gpu_bench.SWEEP_BATCHES),
+        "image_size": ctx.model.image_size,
+        "duration_s": p.ceiling_duration_s / 2,
+    }
+    sweep = _subprocess_json(ctx, "bench.gpu", sweep_spec, "gpu-sweep")
+    for row in sweep:
+        print(
+            f"  gpu network      batch={row['batch_size']:<4} {row['throughput_ips']:9.1f} img/s"
+            f"  p50 {row['latency_ms']['p50']:7.2f} ms",
+            flush=True,
+        )
+    decode_spec = {
+        "part": "decode",
+        "model_dir": str(ctx.model.path),
+        "images": ctx.images(),
+        "workers": sorted({1, len(os.sched_getaffinity(0))}),
+        "duration_s": p.ceiling_duration_s,
+    }
+    decode = _subprocess_json(ctx, "bench.gpu", decode_spec, "gpu-decode")
+    for row in decode:
+        print(
+            f"  gpu decode       workers={row['workers']:<3} {row['throughput_ips']:8.1f} img/s "
+            f"({row['images_per_cpu_s']:.1f} per CPU-second)",
+            flush=True,
+        )
+    env = {**ctx.graft_env, "GRAFT_DEVICE": str(device)}
+    with servers.graft(ctx.model, "graft-gpu", env) as server:
+        served = graft_batched(ctx, server, "graft-http", open_loop=False, levels=gpu_bench.LEVELS)
+    return {"device": str(device), "sweep": sweep, "decode": decode, **served}
 
 
 # -- version switch --------------------------------------------------------------------------

@@ -321,6 +321,8 @@ TRAINING_TARGETS = (
     ("T8.1", "training: test accuracy >= 98 %", ("default", "accuracy"), 0.98, True, ""),
     ("T8.2", "training: macro-F1 >= 0.97", ("default", "macro_f1"), 0.97, True, ""),
     ("T8.3", "training: whole `graft train` <= 15 min", ("default", "wall_s"), 900.0, False, " s"),
+    ("T8.6", "training: default `graft train` <= 200 s", ("default", "wall_s"), 200.0, False, " s"),
+    ("T8.7", "training: test ECE, calibrated, <= 0.02", ("default", "ece_after"), 0.02, False, ""),
     (
         "T8.4",
         "few-shot (--max-per-class 10): accuracy >= 85 %",

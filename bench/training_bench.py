@@ -2,7 +2,8 @@
 
 Full run, on the benchmark dataset (GRAFT_BENCH_DATA, default plantvillage-apple):
   1. `graft train` with default settings: wall and CPU seconds, seconds per phase, phase-1
-     cached epoch seconds, test accuracy, macro-F1;
+     cached epoch seconds, test accuracy, macro-F1, and the runtime that ran the frozen
+     backbone for the feature cache (GRAFT_RUNTIME / --runtime; auto = ONNX Runtime);
   2. `graft train --max-per-class 10` (few-shot): the same figures;
   3. one phase-1 epoch WITHOUT the feature cache, on the same split and settings as run 1,
      for the cached-vs-uncached epoch speed-up.
@@ -50,8 +51,13 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
     phase1, phase2 = timings["phase1"], timings.get("phase2") or {}
     cached_epochs = phase1["epoch_seconds"]
     return {
+        "feature_runtime": timings.get("feature_runtime"),
         "accuracy": result["metrics"]["accuracy"],
         "macro_f1": result["metrics"]["macro_f1"],
+        "temperature": result["metrics"]["calibration"].get("temperature"),
+        "ece_before": result["metrics"]["calibration"].get("ece_before"),
+        "ece_after": result["metrics"]["calibration"].get("ece_after"),
+        "calibrate_s": round(timings.get("calibrate", 0.0), 1),
         "test_images": result["metrics"]["test_images"],
         "train_images": result["metrics"]["train_images"],
         "wall_s": round(result["wall_s"], 1),

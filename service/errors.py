@@ -85,6 +85,12 @@ class Overloaded(GraftError):
     retry_after_s = 1
 
 
+class DeviceOutOfMemory(Overloaded):
+    """The accelerator ran out of memory even on this image alone."""
+
+    code = "device_out_of_memory"
+
+
 class NotReady(GraftError):
     code, http_status, grpc_status = "not_ready", 503, grpc.StatusCode.UNAVAILABLE
 

@@ -75,8 +75,8 @@ MODEL_LOAD_DURATION = Histogram(
 )
 MODEL_RUNTIME = Gauge(
     "graft_model_runtime",
-    "1 for each loaded version, labelled with the runtime that runs its network.",
-    ["model", "version", "runtime"],
+    "1 for each loaded version, labelled with the runtime and the device that run its network.",
+    ["model", "version", "runtime", "device"],
     multiprocess_mode="livemax",
 )
 RUNTIME_FALLBACKS = Counter(
@@ -84,6 +84,11 @@ RUNTIME_FALLBACKS = Counter(
     "Versions loaded on TensorFlow although an accelerated runtime was asked for (see the "
     "runtime_note in GET /models).",
     ["model", "runtime"],
+)
+OUT_OF_MEMORY = Counter(
+    "graft_device_out_of_memory_total",
+    "Inference calls that ran the device out of memory (the batch is then split and retried).",
+    ["model", "version"],
 )
 REQUESTS_REJECTED = Counter(
     "graft_requests_rejected_total",

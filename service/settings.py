@@ -26,10 +26,21 @@ class GraftSettings(BaseSettings):
     port: int = Field(3000, ge=1, le=65535)
     grpc_port: int = Field(50051, ge=0, le=65535, description="0 turns the gRPC server off.")
     workers: int = Field(1, ge=1, description="HTTP worker processes of the entry service.")
+    separate_inference: bool = Field(
+        False,
+        description="Run the models in an inference process of their own even with one worker "
+        "(more than one worker always does); otherwise one worker serves and owns the models.",
+    )
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for the management API; unset turns management off."
     )
     poll_interval_s: float = Field(2.0, gt=0, description="How often the repository is polled.")
+    state_dir: Path | None = Field(
+        None,
+        description="Where the serving process records its model loads, so that a version "
+        "that failed to load, or crashed the process loading it, stays FAILED across restarts. "
+        "Unset: MODEL_ROOT/.state/<hostname>. Set it when the model volume is read-only.",
+    )
     max_batch_size: int = Field(
         4, ge=1, description="Adaptive batching: most images per model call; 1 turns it off."
     )
@@ -45,6 +56,12 @@ class GraftSettings(BaseSettings):
         description="What runs the network: auto|onnxruntime|openvino|tensorflow. auto = ONNX "
         "Runtime when installed (a version without its ONNX file runs on TensorFlow); a named "
         "runtime must be installed or `graft serve` refuses to start.",
+    )
+    device: str = Field(
+        "auto",
+        max_length=16,
+        description="Where the network runs: auto (the first visible NVIDIA GPU, else the CPU), "
+        "cpu, gpu or gpu:N; a GPU that is not there stops `graft serve`.",
     )
     runtime_threads: int | None = Field(
         None,

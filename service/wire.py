@@ -47,6 +47,7 @@ class ModelMetadata(BaseModel):
     image_size: int
     signatures: dict[str, Any]
     runtime: str = "tensorflow"
+    device: str = "cpu"
 
 
 class VersionState(StrEnum):
@@ -61,6 +62,7 @@ class VersionStatus(BaseModel):
     state: VersionState
     reason: str | None = None
     runtime: str | None = None  # AVAILABLE versions: what runs the network (tensorflow, ...)
+    device: str | None = None  # AVAILABLE versions: where it runs (cpu, gpu:0, ...)
     runtime_note: str | None = None  # why it is not the runtime GRAFT_RUNTIME asked for
 
 
@@ -79,4 +81,4 @@ class InferenceBackend(Protocol):
     async def status(self) -> list[ModelStatus]: ...
     async def metadata(self, model: str, version: int) -> ModelMetadata: ...
     async def refresh(self) -> None: ...
-    async def check_export(self, folder: str, name: str) -> None: ...
+    async def check_model(self, folder: str, name: str) -> None: ...

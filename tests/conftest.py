@@ -43,9 +43,12 @@ def imagenet_model_root(tmp_path_factory: pytest.TempPathFactory):
 def v2_server(colour_model_root):
     """A real `graft serve` of `colours` on loopback, HTTP and gRPC, for the outside V2 clients'
     tests (support.v2_clients); one per test module. A batch thread waits up to 100 ms for more
-    images: test_v2_clients.py's shared-batch test relies on it."""
+    images: test_v2_clients.py's shared-batch test relies on it, and on a separate inference
+    worker, which it pauses."""
     from support.server import running_server
 
     env = {"GRAFT_BATCH_TIMEOUT_MS": "100", "GRAFT_BATCH_THREADS": "1"}
-    with running_server(colour_model_root, default_model="colours", grpc=True, env=env) as server:
+    with running_server(
+        colour_model_root, default_model="colours", grpc=True, separate_inference=True, env=env
+    ) as server:
         yield server

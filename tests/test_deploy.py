@@ -306,7 +306,7 @@ def test_compose_stack_is_wired_together() -> None:
         (DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
     )["datasources"][0]
     assert datasource["url"] == "http://prometheus:9090"
-    assert "9090:9090" in services["prometheus"]["ports"]
+    assert "127.0.0.1:9090:9090" in services["prometheus"]["ports"]
     grafana_mounts = dict(v.split(":")[:2] for v in services["grafana"]["volumes"])
     provider = yaml.safe_load(
         (DEPLOY / "grafana" / "provisioning" / "dashboards" / "graft.yml").read_text()
@@ -416,8 +416,11 @@ def test_serving_pods_probe_listen_and_mount_where_the_settings_say(
 
     model_volume = _mounts(pod, container)[config["GRAFT_MODEL_ROOT"]]
     assert _pvc_behind(docs, model_volume)["spec"]["accessModes"] == ["ReadWriteMany"]
-    token = next(e for e in container["env"] if e["name"] == "GRAFT_ADMIN_TOKEN")
-    assert token["valueFrom"]["secretKeyRef"]["name"], "the admin token must come from a Secret"
+    assert _read_only(container)[config["GRAFT_MODEL_ROOT"]] is True, "serving must not write"
+    assert "GRAFT_ADMIN_TOKEN" not in {e["name"] for e in container.get("env", [])}, (
+        "serving replicas run without the management API (graft-admin has it)"
+    )
+    assert _under(config["GRAFT_STATE_DIR"], "/tmp"), "load records need a writable folder"
 
     sleep = container["lifecycle"]["preStop"]["exec"]["command"]
     drain_s = int(sleep[-1]) + float(config["GRAFT_REQUEST_TIMEOUT_S"])
@@ -444,11 +447,91 @@ def test_service_pdb_hpa_and_network_policy_select_the_serving_pods(
 
     pdb = _one(docs, "PodDisruptionBudget")["spec"]
     assert pdb["selector"]["matchLabels"].items() <= pod_labels.items()
-    policy = _one(docs, "NetworkPolicy")["spec"]
+    policy = _one(docs, "NetworkPolicy", "graft")["spec"]
     assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
     assert {p["port"] for p in policy["ingress"][0]["ports"]} == {"http", "grpc"}
     hpa = _one(docs, "HorizontalPodAutoscaler")["spec"]
     assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "graft"}
+
+
+def _read_only(container: Doc) -> dict[str, bool]:
+    return {m["mountPath"]: m.get("readOnly", False) for m in container["volumeMounts"]}
+
+
+def _selects(selector: Doc, labels: Doc) -> bool:
+    return selector.items() <= labels.items()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_ingress_rule_names_who_may_connect(
+    rendered: dict[str, list[Doc]], overlay: str
+) -> None:
+    policies = [d for d in rendered[overlay] if d["kind"] == "NetworkPolicy"]
+    assert {p["metadata"]["name"] for p in policies} == {"graft", "graft-admin"}
+    for policy in policies:
+        for rule in policy["spec"]["ingress"]:
+            sources = rule.get("from", [])
+            assert sources, f"{policy['metadata']['name']}: an ingress rule without `from`"
+            for source in sources:  # an empty selector would admit everyone again
+                selectors = [source.get("podSelector"), source.get("namespaceSelector")]
+                assert any(s and s.get("matchLabels") for s in selectors), source
+    admin = _one(rendered[overlay], "NetworkPolicy", "graft-admin")["spec"]
+    (rule,) = admin["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"graft-admin-access": "true"}}}]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_management_runs_apart_off_by_default_and_is_the_only_writer_besides_retrain(
+    rendered: dict[str, list[Doc]], overlay: str
+) -> None:
+    docs = rendered[overlay]
+    config = _config(docs)
+    admin = _one(docs, "Deployment", "graft-admin")
+    _assert_locked_down(admin)
+    assert admin["spec"]["replicas"] == 0, "management is off until scaled up"
+    pod = _pod(admin)
+    (container,) = pod["containers"]
+    assert parse_graft(container["command"]) == parse_graft(["graft", "serve"])
+    env = {e["name"]: e for e in container["env"]}
+    secret = env["GRAFT_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert secret["name"] and not secret.get("optional", False)
+    assert env["GRAFT_GRPC_PORT"]["value"] == "0"
+    model_root = config["GRAFT_MODEL_ROOT"]
+    assert _read_only(container)[model_root] is False
+    serving_pod = _pod(_one(docs, "Deployment", "graft"))
+    serving_volume = _mounts(serving_pod, serving_pod["containers"][0])[model_root]
+    assert _pvc_behind(docs, _mounts(pod, container)[model_root]) == _pvc_behind(
+        docs, serving_volume
+    ), "pushes must land in the volume the serving replicas read"
+
+    admin_labels = admin["spec"]["template"]["metadata"]["labels"]
+    serving_labels = _one(docs, "Deployment", "graft")["spec"]["template"]["metadata"]["labels"]
+    public = _one(docs, "Service", "graft")["spec"]
+    assert not _selects(public["selector"], admin_labels), "the public Service reaches management"
+    private = _one(docs, "Service", "graft-admin")["spec"]
+    assert _selects(private["selector"], admin_labels)
+    assert not _selects(private["selector"], serving_labels)
+    (port,) = private["ports"]
+    assert port["port"] not in {p["port"] for p in public["ports"]}, "management has its own port"
+    policy = _one(docs, "NetworkPolicy", "graft-admin")["spec"]
+    assert _selects(policy["podSelector"]["matchLabels"], admin_labels)
+    for kind in ("PodDisruptionBudget", "HorizontalPodAutoscaler"):
+        spec = _one(docs, kind)["spec"]
+        target = spec.get("selector", {}).get("matchLabels") or {}
+        assert not target or not _selects(target, admin_labels), kind
+
+
+def test_compose_keeps_prometheus_and_grafana_local_and_grafana_off_admin_admin() -> None:
+    text = (DEPLOY / "compose.yaml").read_text()
+    services = yaml.safe_load(text)["services"]
+    for name in ("prometheus", "grafana"):
+        for port in services[name]["ports"]:
+            assert port.startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+    password = services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
+    assert re.fullmatch(r"\$\{GRAFANA_ADMIN_PASSWORD:\?[^}]+\}", password), (
+        "Grafana's admin password must be required (${VAR:?...}), with no default"
+    )
+    assert "admin}" not in text and ":-" not in password
 
 
 def test_prod_runs_three_to_twenty_replicas_spread_over_nodes(

@@ -193,7 +193,11 @@ def tight_server(
         "GRAFT_REQUEST_TIMEOUT_S": "3",
         "GRAFT_SHUTDOWN_DRAIN_S": "1",
     }
-    with running_server(root, default_model="m", grpc=True, env=env) as running:
+    # The overload tests hold the queue with a paused inference worker, which only the
+    # two-process layout has apart from the entry.
+    with running_server(
+        root, default_model="m", grpc=True, separate_inference=True, env=env
+    ) as running:
         yield running
 
 

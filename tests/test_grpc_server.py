@@ -41,7 +41,10 @@ PER_PROTOCOL = 12  # concurrent single-image requests per protocol in the shared
 
 @pytest.fixture(scope="module")
 def server(colour_model_root: Path) -> Iterator[RunningServer]:
-    with running_server(colour_model_root, default_model=MODEL, grpc=True) as running:
+    # The shared-batch test pauses the inference worker (two-process layout only).
+    with running_server(
+        colour_model_root, default_model=MODEL, grpc=True, separate_inference=True
+    ) as running:
         yield running
 
 

@@ -23,7 +23,8 @@ from service.errors import GraftError, RejectedModel
 from service.push.archive import PushLimits, extract_archive, pack_export
 from service.push.checks import check_contents
 from service.push.receive import receive_push
-from service.runtime.model_check import check_model, refuse_denied_ops
+from service.runtime.graph_ops import refuse_unlisted_ops
+from service.runtime.model_check import check_model
 from service.settings import GraftSettings
 from service.store.layout import MANIFEST_FILE
 from service.store.manifest import Manifest, hash_tree
@@ -326,13 +327,13 @@ def test_a_graph_that_writes_files_is_refused(repository: ModelRepository, tmp_p
 
     folder = raw_saved_model(tmp_path / "raw", ["a", "b"], outputs)
     with pytest.raises(RejectedModel, match="WriteFile"):
-        refuse_denied_ops(folder / "saved_model.pb")
+        refuse_unlisted_ops(folder)
     assert_rejected(pack_export(folder), repository, "WriteFile", check_model=check_model)
     assert not planted.exists(), "the hostile graph ran"
 
 
-def test_a_real_export_uses_no_denied_op(export_dir: Path) -> None:
-    refuse_denied_ops(export_dir / "saved_model.pb")
+def test_a_real_export_uses_only_allowed_ops(export_dir: Path) -> None:
+    refuse_unlisted_ops(export_dir)
 
 
 # -- concurrency --------------------------------------------------------------------------------

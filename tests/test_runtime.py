@@ -7,12 +7,12 @@ None, which is how Python itself marks a module that must not import).
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from support.cli import run_graft
 from support.exports import make_tiny_export, make_tiny_model
 
 from service.errors import RejectedModel
@@ -227,13 +227,7 @@ def test_threads_per_call_share_the_cores_between_batches(tmp_path: Path) -> Non
 
 
 def test_graft_serve_refuses_a_runtime_it_cannot_honour(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [str(Path(sys.executable).parent / "graft"), "serve", "--model-root", str(tmp_path)],
-        env={**os.environ, "GRAFT_RUNTIME": "tensorrt"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_graft("serve", "--model-root", str(tmp_path), env={"GRAFT_RUNTIME": "tensorrt"})
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert lines == [
@@ -259,11 +253,7 @@ def test_export_onnx_adds_the_network_to_an_older_version_as_a_new_version(
     repository = ModelRepository(tmp_path / "models")
     repository.publish(export, "old")
     before = sorted(hash_tree(repository.version_dir("old", 1)).items())
-    graft = str(Path(sys.executable).parent / "graft")
-    root = ["--model-root", str(repository.root)]
-    result = subprocess.run(
-        [graft, "export-onnx", "old", "1", *root], capture_output=True, text=True, timeout=300
-    )
+    result = run_graft("export-onnx", "old", "1", "--model-root", str(repository.root))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "2"
     assert sorted(hash_tree(repository.version_dir("old", 1)).items()) == before

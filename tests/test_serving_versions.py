@@ -10,9 +10,8 @@ import time
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
-from support.server import running_server
+from support.server import model_worker, running_server
 from support.trained import tinted_photo
 
 from service.push.archive import pack_export
@@ -93,7 +92,16 @@ def test_models_lists_states_active_version_and_pin(http: httpx.Client) -> None:
         "active_version": 1,
         "previous_version": None,
         "pin": None,
-        "versions": [{"version": 1, "state": "AVAILABLE", "reason": None}],
+        "versions": [
+            {
+                "version": 1,
+                "state": "AVAILABLE",
+                "reason": None,
+                "runtime": "onnxruntime",
+                "device": "cpu",
+                "runtime_note": None,
+            }
+        ],
     }
 
 
@@ -232,29 +240,16 @@ def _plant_corrupted_version(model_dir: Path, *, source: int, version: int) -> N
 def test_a_killed_inference_process_is_restarted_and_no_request_fails(
     server, http: httpx.Client
 ) -> None:
-    """kill -9 the inference worker: BentoML's supervisor restarts it, the entry keeps the
-    socket's backlog, and a request sent meanwhile waits for the new worker instead of failing."""
-    (victim,) = _children(server.process.pid, "graft-inference")
+    """kill -9 the worker that holds the models: BentoML's supervisor restarts it, its socket's
+    backlog is kept, and a request sent meanwhile waits for the new worker instead of failing."""
+    victim = model_worker(server).pid
     os.kill(victim, signal.SIGKILL)
     response = _classify(http)  # queued until the restarted worker has loaded the model
     assert response.status_code == 200, response.text
     assert response.json()["version"] == 4
-    (replacement,) = _children(server.process.pid, "graft-inference")
+    replacement = model_worker(server).pid
     assert replacement != victim
     deadline = time.monotonic() + 60
     while http.get("/readyz").status_code != 200:
         assert time.monotonic() < deadline, "never ready again"
         time.sleep(0.5)
-
-
-def _children(parent: int, marker: str) -> list[int]:
-    """Pids of `parent`'s descendants whose command line contains `marker` (`graft serve`
-    supervises the BentoML server as a child, so the workers are grandchildren)."""
-    found = []
-    for process in psutil.Process(parent).children(recursive=True):
-        try:
-            if marker in " ".join(process.cmdline()):
-                found.append(process.pid)
-        except psutil.Error:
-            continue  # the process ended while we looked
-    return found

@@ -2,6 +2,7 @@
 that publishes a real SavedModel into a model repository and evaluates it."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,9 @@ def test_train_refuses_bad_folders_in_one_line(kind: str, fragment: str, tmp_pat
         (["--name", "Bad Name"], "invalid model name"),
         (["--name", "m", "--backbone", "vgg99"], "unknown backbone"),
         (["--name", "m", "--epochs", "0"], "--epochs must be at least 1"),
+        (["--name", "m", "--runtime", "tpu"], "'tpu' is not a runtime"),
+        (["--name", "m", "--image-size", "30000"], "--image-size must be 32 to 1024, got 30000"),
+        (["--name", "m", "--image-size", "16"], "--image-size must be 32 to 1024, got 16"),
     ],
 )
 def test_train_refuses_bad_options_in_one_line(
@@ -80,6 +84,26 @@ def test_train_refuses_bad_options_in_one_line(
     root = make_dataset(tmp_path / "data", per_class=2)
     result = _graft("train", root, "--model-root", tmp_path / "models", *args)
     _assert_one_line_error(result, fragment)
+
+
+def test_train_reads_the_runtime_from_graft_runtime(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path / "data", per_class=2)
+    args = ["train", str(root), "--name", "m", "--model-root", str(tmp_path / "models")]
+    result = runner.invoke(app, args, env={"GRAFT_RUNTIME": "tpu"})
+    _assert_one_line_error(result, "'tpu' is not a runtime")
+
+
+def test_train_refuses_a_named_runtime_that_is_not_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what Python reports when absent
+    root = make_dataset(tmp_path / "data", per_class=2)
+    models = tmp_path / "models"
+    result = _graft(
+        "train", root, "--name", "m", "--model-root", models, "--runtime", "onnxruntime"
+    )
+    _assert_one_line_error(result, "onnxruntime package is not installed")
+    assert not (models / "m").exists()
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +128,11 @@ def test_train_publishes_a_version_and_reports(trained: tuple[Path, Path, dict])
     manifest = repository.verify("shapes", 1)
     assert manifest.labels == ["circle", "square", "triangle"] and manifest.image_size == 64
     assert manifest.dataset_fingerprint == out["dataset_fingerprint"]
+    # The default runtime (auto) ran the feature cache on ONNX Runtime, and graft.json says so.
+    training = manifest.metrics["training"]
+    assert training == out["metrics"]["training"] and training["feature_runtime"] == "onnxruntime"
+    assert 0 <= training["feature_max_abs_diff"] < 1e-3
+    assert out["timings"]["feature_runtime"] == "onnxruntime"
     assert Path(out["path"]) == repository.version_dir("shapes", 1)
     report = tmp / "report"
     for name in ("metrics.json", "confusion_matrix.json", "confusion_matrix.png", "curves.png"):
@@ -111,6 +140,31 @@ def test_train_publishes_a_version_and_reports(trained: tuple[Path, Path, dict])
     split = json.loads((report / "split.json").read_text())
     assert len(split["train"]) + len(split["val"]) + len(split["test"]) == 24
     assert (report / "checkpoints" / "phase1_head.keras").is_file()
+
+
+def test_train_calibrates_the_scores_it_publishes(trained: tuple[Path, Path, dict]) -> None:
+    import numpy as np
+    import tensorflow as tf
+
+    from training.calibration import expected_calibration_error
+
+    data, tmp, out = trained
+    calibration = out["metrics"]["calibration"]
+    assert calibration["fitted_on"] == "validation split" and calibration["bins"] == 15
+    assert 0.05 <= calibration["temperature"] <= 20
+    report = tmp / "report"
+    assert json.loads((report / "metrics.json").read_text())["calibration"] == calibration
+    assert (report / "reliability.png").stat().st_size > 0
+    # The published model carries the temperature: its scores on the test split have the
+    # calibrated ECE the run recorded (the test images that decode; the broken one is skipped).
+    test = json.loads((report / "split.json").read_text())["test"]
+    version_dir = ModelRepository(tmp / "models").version_dir("shapes", 1)
+    serve = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+    images = [(data / row["path"]).read_bytes() for row in test]
+    served = serve(images=tf.constant(images))["probabilities"].numpy()
+    labels = np.array([row["label"] for row in test])
+    ece = expected_calibration_error(served, labels)
+    assert ece == pytest.approx(calibration["ece_after"], abs=2e-3)
 
 
 def test_evaluate_prints_parseable_metrics(trained: tuple[Path, Path, dict]) -> None:

@@ -74,7 +74,7 @@ def test_health_and_metadata_through_both_clients(calls: dict[str, Any]) -> None
         assert "binary_tensor_data" in found["server_metadata"]["extensions"]
         metadata = found["model_metadata"]
         assert metadata["name"] == MODEL and metadata["versions"] == ["1"]
-        assert metadata["platform"] == "tensorflow_savedmodel"
+        assert metadata["platform"] == "onnxruntime_onnx"
         inputs = {tensor["name"]: tensor["datatype"] for tensor in metadata["inputs"]}
         assert inputs == {"images": "BYTES", "pixels": "UINT8"}
         outputs = {tensor["name"]: tensor for tensor in metadata["outputs"]}

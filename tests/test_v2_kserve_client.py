@@ -74,7 +74,7 @@ def test_metadata_reads_as_kserves_own_data_models(calls: dict[str, Any]) -> Non
         assert "binary_tensor_data" in server_metadata["extensions"], side
         metadata = calls[side]["model_metadata"]
         assert metadata["name"] == MODEL and metadata["versions"] == ["1"], side
-        assert metadata["platform"] == "tensorflow_savedmodel", side
+        assert metadata["platform"] == "onnxruntime_onnx", side
         shapes = {
             tensor["name"]: (tensor["datatype"], [int(dim) for dim in tensor["shape"]])
             for tensor in metadata["inputs"] + metadata["outputs"]

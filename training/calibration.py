@@ -19,21 +19,33 @@ _SEARCH_STEPS = 60  # golden-section steps: the bracket shrinks to 0.618**60 of 
 _FLOOR = 1e-12  # log(0) guard: a probability float32 rounded to zero
 
 
-def expected_calibration_error(
+def reliability(
     probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS
-) -> float:
-    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by their size."""
+) -> list[dict[str, float]]:
+    """Per equal-width confidence bin that holds images: its mean confidence, its accuracy
+    and its share of the images (the reliability diagram's bars)."""
     confidence = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == labels
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    error = 0.0
-    for b in range(bins):
-        members = which == b
-        if members.any():
-            gap = abs(correct[members].mean() - confidence[members].mean())
-            error += members.mean() * gap
-    return float(error)
+    return [
+        {
+            "low": float(edges[b]),
+            "confidence": float(confidence[which == b].mean()),
+            "accuracy": float(correct[which == b].mean()),
+            "share": float((which == b).mean()),
+        }
+        for b in range(bins)
+        if (which == b).any()
+    ]
+
+
+def expected_calibration_error(
+    probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS
+) -> float:
+    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by their size."""
+    rows = reliability(probabilities, labels, bins)
+    return float(sum(row["share"] * abs(row["accuracy"] - row["confidence"]) for row in rows))
 
 
 def scale(probabilities: np.ndarray, temperature: float) -> np.ndarray:

@@ -19,14 +19,17 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from training.cli_errors import one_line_errors
-from training.defaults import DEFAULT_BACKBONE
+from training.defaults import DEFAULT_BACKBONE, DEFAULT_RUNTIME
 
 if TYPE_CHECKING:
+    import keras
+    import numpy as np
+
     from training.backbones import BackboneSpec
     from training.fit import FitResult
     from training.model import Classifier
     from training.progress import Reporter
-    from training.scan import Dataset
+    from training.scan import Dataset, Sample
     from training.split import Split
 
 DEFAULT_IMAGE_SIZE = 224
@@ -77,6 +80,7 @@ class TrainOptions:
     weights: str
     quiet: bool
     hidden_units: int = DEFAULT_HIDDEN_UNITS
+    runtime: str = DEFAULT_RUNTIME
 
 
 def run_train(options: TrainOptions) -> dict:
@@ -101,19 +105,28 @@ def run_train(options: TrainOptions) -> dict:
             f"train {len(parts.train)}, val {len(parts.val)}, test {len(parts.test)}"
         )
         classifier, result = _fit(options, spec, dataset, parts, report_dir, reporter)
+        timings["feature_runtime"] = result.feature_runtime
         timings["phase1"] = result.phase1.to_json()
         timings["phase2"] = result.phase2.to_json() if result.phase2 else None
         t = time.perf_counter()
-        metrics = _test_metrics(classifier, parts, dataset.classes, options.batch_size, reporter)
+        test = _predict(classifier, result, parts.test, options, reporter)
+        metrics = _test_metrics(test, parts, dataset.classes)
         timings["evaluate"] = time.perf_counter() - t
+        t = time.perf_counter()
+        temperature, calibration, bins = _calibrate(
+            classifier, result, parts, test, options, reporter
+        )
+        metrics["calibration"] = calibration
+        timings["calibrate"] = time.perf_counter() - t
         histories = {"phase 1": result.phase1.history}
         if result.phase2:
             histories["phase 2"] = result.phase2.history
-        files = write_report(report_dir, metrics, histories)
+        files = write_report(report_dir, metrics, histories, bins)
         print_summary(reporter.console, metrics, f"test split ({options.name})")
         t = time.perf_counter()
-        summary = _summary(options, metrics, len(parts.train))
-        version, version_dir = _publish(options, classifier, dataset, summary, Path(tmp))
+        summary = _summary(options, metrics, len(parts.train), result.training_info())
+        model = _calibrated_model(classifier, temperature)
+        version, version_dir = _publish(options, classifier, model, dataset, summary, Path(tmp))
         timings["export"] = time.perf_counter() - t
     (report_dir / "timings.json").write_text(json.dumps(timings, indent=2))
     return {
@@ -176,44 +189,106 @@ def _fit(
         views=options.views,
         seed=options.seed,
         checkpoint_dir=report_dir / "checkpoints",
+        runtime=options.runtime,
     )
     augment = build_augmenter(AugmentConfig(), options.seed) if options.augment else None
     return classifier, fit(classifier, parts.train, parts.val, config, augment, reporter)
 
 
-def _test_metrics(
-    classifier: Classifier, parts: Split, classes: list[str], batch_size: int, reporter: Reporter
-) -> dict:
-    """The trained model's metrics on the test split, through the training input pipeline."""
-    from training.evaluate import classification_metrics, predict_keras
+def _predict(
+    classifier: Classifier,
+    result: FitResult,
+    samples: list[Sample],
+    options: TrainOptions,
+    reporter: Reporter,
+) -> np.ndarray:
+    """The trained model's probabilities for `samples`, through the training input pipeline:
+    the frozen part on the feature cache's runtime when it stayed frozen, else on Keras."""
+    from training.evaluate import predict_keras
 
-    probabilities = predict_keras(classifier, parts.test, batch_size, reporter)
-    y_true = [s.label for s in parts.test]
-    return classification_metrics(y_true, probabilities, classes)
+    if result.predict is not None:
+        return result.predict(samples, reporter)
+    return predict_keras(classifier, samples, options.batch_size, reporter)
 
 
-def _summary(options: TrainOptions, metrics: dict, train_images: int) -> dict:
-    """The metrics the export's manifest carries (and the command prints)."""
+def _test_metrics(probabilities: np.ndarray, parts: Split, classes: list[str]) -> dict:
+    from training.evaluate import classification_metrics
+
+    return classification_metrics([s.label for s in parts.test], probabilities, classes)
+
+
+def _calibrate(
+    classifier: Classifier,
+    result: FitResult,
+    parts: Split,
+    test: np.ndarray,
+    options: TrainOptions,
+    reporter: Reporter,
+) -> tuple[float | None, dict, dict | None]:
+    """Temperature scaling fitted on the validation split, judged on the test split: the
+    temperature (None: not calibrated), what metrics.json records, the reliability bins."""
+    import numpy as np
+
+    from training import calibration
+
+    if not parts.val or not parts.test:
+        return None, {"skipped": "the validation or test split is empty"}, None
+    val = _predict(classifier, result, parts.val, options, reporter)
+    temperature = calibration.fit_temperature(val, np.array([s.label for s in parts.val]))
+    labels = np.array([s.label for s in parts.test])
+    after = calibration.scale(test, temperature)
+    record = {
+        "temperature": round(temperature, 4),
+        "ece_before": round(calibration.expected_calibration_error(test, labels), 5),
+        "ece_after": round(calibration.expected_calibration_error(after, labels), 5),
+        "bins": calibration.ECE_BINS,
+        "fitted_on": "validation split",
+        "measured_on": "test split",
+    }
+    bins = {
+        "before": calibration.reliability(test, labels),
+        f"after (T = {temperature:.2f})": calibration.reliability(after, labels),
+    }
+    return temperature, record, bins
+
+
+def _calibrated_model(classifier: Classifier, temperature: float | None) -> keras.Model:
+    from training.calibration import calibrated
+
+    return classifier.model if temperature is None else calibrated(classifier.model, temperature)
+
+
+def _summary(options: TrainOptions, metrics: dict, train_images: int, training: dict) -> dict:
+    """The metrics the export's manifest carries (and the command prints); `training` says
+    how the run trained (what ran the feature cache)."""
     return {
         "accuracy": metrics["accuracy"],
         "macro_f1": metrics["macro_f1"],
         "top_k_accuracy": metrics["top_k_accuracy"],
+        "calibration": metrics["calibration"],
         "test_images": metrics["count"],
         "train_images": train_images,
         "split_seed": options.seed,
         "max_per_class": options.max_per_class,
+        "training": training,
     }
 
 
 def _publish(
-    options: TrainOptions, classifier: Classifier, dataset: Dataset, summary: dict, tmp: Path
+    options: TrainOptions,
+    classifier: Classifier,
+    model: keras.Model,
+    dataset: Dataset,
+    summary: dict,
+    tmp: Path,
 ) -> tuple[int, Path]:
-    """Export the classifier into `tmp` and publish it as the next version of the name."""
+    """Export `model` (the classifier's, calibrated) into `tmp` and publish it as the next
+    version of the name."""
     from service.store.repository import ModelRepository
     from training.export import export_model
 
     export_dir = export_model(
-        classifier.model,
+        model,
         tmp / "export",
         labels=dataset.classes,
         image_size=classifier.image_size,
@@ -264,18 +339,36 @@ def train(
     hidden_units: Annotated[
         int, typer.Option(help="units of the head's hidden Dense layer; 0 for none")
     ] = DEFAULT_HIDDEN_UNITS,
+    runtime: Annotated[
+        str,
+        typer.Option(
+            envvar="GRAFT_RUNTIME",
+            help="what runs the frozen backbone for the feature cache: auto|onnxruntime|"
+            "openvino|tensorflow; auto = ONNX Runtime when installed, else TensorFlow",
+        ),
+    ] = DEFAULT_RUNTIME,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress or tables")] = False,
 ) -> None:
     """Train a classifier on DATA_DIR, evaluate it, publish it as a new version of NAME."""
+    from service.runtime.networks import RuntimeUnavailable, resolve
+    from service.store.manifest import MAX_IMAGE_SIZE
+
     options = TrainOptions(
         data_dir, name, model_root, backbone, image_size, epochs, fine_tune_epochs,
         fine_tune_layers, batch_size, max_per_class, seed, report_dir, not no_augment,
-        not no_cache, views, weights, quiet, hidden_units,
+        not no_cache, views, weights, quiet, hidden_units, runtime,
     )  # fmt: skip
-    with one_line_errors(FileNotFoundError, ValueError):  # DataError is a ValueError
+    # DataError is a ValueError; RuntimeUnavailable: a named runtime missing or failing (a
+    # file it cannot run is a RejectedModel, a GraftError).
+    with one_line_errors(FileNotFoundError, ValueError, RuntimeUnavailable):
         _check_positive(epochs=epochs, batch_size=batch_size, views=views)
         if hidden_units < 0:
             raise ValueError(f"--hidden-units must be 0 or more, got {hidden_units}")
+        if image_size is not None and not 32 <= image_size <= MAX_IMAGE_SIZE:
+            # graft.json bounds it (a version asking for more is refused at load): say so now,
+            # not after an hour of training.
+            raise ValueError(f"--image-size must be 32 to {MAX_IMAGE_SIZE}, got {image_size}")
+        resolve(runtime)  # before the scan: a runtime that cannot be honoured fails at once
         result = run_train(options)
     typer.echo(json.dumps(result))
 

@@ -9,6 +9,10 @@ entering the top N layers is computed once per augmented view, phase 1 trains th
 pool(top(cached)) and phase 2 trains top + head on the cached activations. When the cut cannot
 be cached (several tensors cross it, or it would not fit), phase 1 still caches pooled
 features and phase 2 runs on pixels.
+
+The frozen part runs on the accelerated runtime (`FitConfig.runtime`); training itself runs on
+TensorFlow. While the frozen part stays frozen, `FitResult.predict` scores more images (the
+test split) the same way: frozen part on the cache's runtime, the rest on TensorFlow.
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from training.feature_cache import (
     Cached,
+    FrozenRunner,
     activation_cut,
+    batched,
     cached_train_dataset,
     cached_val_dataset,
     extract,
@@ -51,10 +58,27 @@ class PhaseResult:
         }
 
 
+Predict = Callable[[Sequence[Sample], Reporter], np.ndarray]
+
+
 @dataclass
 class FitResult:
     phase1: PhaseResult
     phase2: PhaseResult | None
+    # What ran the frozen part for the feature cache (None: no cache), and how far it was
+    # from TensorFlow on the probe images (None on TensorFlow itself).
+    feature_runtime: str | None = None
+    feature_agreement: float | None = None
+    # The trained classifier's probabilities for more images, with the frozen part on the
+    # cache's runtime; None when the frozen part itself trained (phase 2 on pixels).
+    predict: Predict | None = field(default=None, repr=False)
+
+    def training_info(self) -> dict[str, object]:
+        """How the run trained, for graft.json's metrics and the command's JSON."""
+        return {
+            "feature_runtime": self.feature_runtime,
+            "feature_max_abs_diff": self.feature_agreement,
+        }
 
 
 class _EpochTimer(keras.callbacks.Callback):
@@ -292,6 +316,45 @@ def _cached_top(classifier: Classifier, top: keras.Model, activations: Cached) -
     return keras.Model(inputs, tail, name="graft_top")
 
 
+def _predictor(
+    classifier: Classifier, runner: FrozenRunner, tail: keras.Model, config: FitConfig
+) -> Predict:
+    """Frozen part on `runner`, then `tail` (what the cache feeds: the head, or top + head)
+    on TensorFlow: the same maths as `classifier.model` while the frozen part is frozen."""
+    size, batch_size = classifier.image_size, config.batch_size
+    apply = batched(tail, batch_size)
+    return lambda samples, reporter: apply(runner.outputs(samples, size, batch_size, reporter))
+
+
+@dataclass
+class _Caches:
+    """What phase 1 computed once: the activations entering the top layers (None when the cut
+    cannot be cached) and what phase 1 trains on (None: phase 1 ran on pixels)."""
+
+    cut: tuple[keras.Model, keras.Model] | None
+    activations: Cached | None
+    features: Cached | None
+
+
+def _caches(
+    classifier: Classifier,
+    train: Sequence[Sample],
+    val: Sequence[Sample],
+    config: FitConfig,
+    augment: Callable | None,
+    reporter: Reporter,
+) -> _Caches:
+    cut = activation_cut(classifier, config, len(train), len(val), augment)
+    if cut is not None:
+        activations = extract(cut[0], classifier, train, val, config, augment, reporter)
+        pooled = keras.Sequential([cut[1], classifier.pool])
+        return _Caches(cut, activations, map_cached(activations, pooled, config.batch_size))
+    if config.cache_features:
+        features = extract(classifier.features, classifier, train, val, config, augment, reporter)
+        return _Caches(None, None, features)
+    return _Caches(None, None, None)
+
+
 def fit(
     classifier: Classifier,
     train: Sequence[Sample],
@@ -303,16 +366,10 @@ def fit(
     """Phase 1 (frozen backbone, head only) then phase 2 (top layers unfrozen, low LR)."""
     keras.utils.set_random_seed(config.seed)
     classifier.base.trainable = False
-    cut = activation_cut(classifier, config, len(train), len(val), augment)
-    activations = None
-    if cut is not None:
-        activations = extract(cut[0], classifier, train, val, config, augment, reporter)
-        pooled = keras.Sequential([cut[1], classifier.pool])
-        features = map_cached(activations, pooled, config.batch_size)
-    elif config.cache_features:
-        features = extract(classifier.features, classifier, train, val, config, augment, reporter)
+    caches = _caches(classifier, train, val, config, augment, reporter)
     epochs, rate = _schedule(config, 1)
-    if config.cache_features:
+    features = caches.features
+    if features is not None:
         phase1 = train_cached(
             classifier.head, features, train, config, reporter, phase=1, epochs=epochs,
             learning_rate=rate,
@@ -323,18 +380,25 @@ def fit(
             classifier, train, val, config, augment, reporter, phase=1, epochs=epochs,
             learning_rate=rate,
         )  # fmt: skip
+    cache = (features.runtime, features.agreement) if features else (None, None)
     if config.fine_tune_epochs <= 0 or unfreeze_top(classifier.base, config.fine_tune_layers) == 0:
         classifier.base.trainable = False
-        return FitResult(phase1, None)
+        # Without a cut, `features` holds pooled features: the head alone follows them.
+        runner = features.runner if features and caches.cut is None else None
+        head = _predictor(classifier, runner, classifier.head, config) if runner else None
+        return FitResult(phase1, None, *cache, head)
     epochs, rate = _schedule(config, 2)
-    if cut is None or activations is None:
+    if caches.cut is None or caches.activations is None:
         phase2 = train_pixels(
             classifier, train, val, config, augment, reporter, phase=2, epochs=epochs,
             learning_rate=rate,
         )  # fmt: skip
-    else:
-        phase2 = train_cached(
-            _cached_top(classifier, cut[1], activations), activations, train, config, reporter,
-            phase=2, epochs=epochs, learning_rate=rate,
-        )  # fmt: skip
-    return FitResult(phase1, phase2)
+        return FitResult(phase1, phase2, *cache)  # the frozen part trained: no predictor
+    activations = caches.activations
+    tail = _cached_top(classifier, caches.cut[1], activations)
+    phase2 = train_cached(
+        tail, activations, train, config, reporter, phase=2, epochs=epochs, learning_rate=rate
+    )
+    runner = activations.runner
+    predict = _predictor(classifier, runner, tail, config) if runner else None
+    return FitResult(phase1, phase2, *cache, predict)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from training.defaults import DEFAULT_RUNTIME
+
 
 @dataclass
 class FitConfig:
@@ -23,3 +25,6 @@ class FitConfig:
     min_cached_steps: int = 20
     seed: int = 0
     checkpoint_dir: Path | None = None
+    # What runs the frozen part for the feature cache: auto | onnxruntime | openvino |
+    # tensorflow, as GRAFT_RUNTIME (training.feature_cache).
+    runtime: str = DEFAULT_RUNTIME

@@ -75,10 +75,36 @@ def plot_curves(phases: dict[str, dict[str, list[float]]], path: Path) -> Path:
     return path
 
 
+def plot_reliability(bins: dict[str, list[dict[str, float]]], path: Path) -> Path:
+    """Accuracy against confidence per bin, one line per set of scores (before and after
+    calibration); the diagonal is a perfectly calibrated model."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="calibrated")
+    for name, rows in bins.items():
+        ax.plot(
+            [r["confidence"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=name
+        )
+    ax.set_xlabel("confidence (top-1 score)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="upper left")
+    ax.set_title("reliability on the test split")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_report(
-    report_dir: Path, metrics: dict, histories: dict[str, dict[str, list[float]]] | None = None
+    report_dir: Path,
+    metrics: dict,
+    histories: dict[str, dict[str, list[float]]] | None = None,
+    reliability: dict[str, list[dict[str, float]]] | None = None,
 ) -> dict[str, str]:
-    """metrics.json, confusion_matrix.json/.png and (after training) curves.png."""
+    """metrics.json, confusion_matrix.json/.png and (after training) curves.png and the
+    reliability diagram."""
     report_dir.mkdir(parents=True, exist_ok=True)
     files = {
         "metrics": _save_json(report_dir / "metrics.json", metrics),
@@ -92,6 +118,8 @@ def write_report(
     }
     if histories:
         files["curves_png"] = plot_curves(histories, report_dir / "curves.png")
+    if reliability:
+        files["reliability_png"] = plot_reliability(reliability, report_dir / "reliability.png")
     return {name: str(path) for name, path in files.items()}
 
 

@@ -1,10 +1,17 @@
 """`Graft`, the entry BentoML service: what clients reach.
 
 The HTTP routes (a Starlette app mounted at /), the request guard (no pickle, body limits),
-readiness, metrics and the management API, and the gRPC server when `grpc_port` is not 0. It
-never imports TensorFlow, so extra entry workers (`GRAFT_WORKERS`) are cheap. It reaches
-`Inference` through `bentoml.depends`: over a Unix socket in production, in-process under
-`bentoml serve --development`.
+readiness, metrics and the management API, and the gRPC server when `grpc_port` is not 0.
+
+Two layouts, chosen from the settings when a worker imports this module (every worker of one
+server reads the same settings, so all build the same service):
+
+- one process (GRAFT_WORKERS = 1, the default): the entry worker owns the inference side
+  itself (service.app.in_process) and the Gateway calls it directly;
+- two services (GRAFT_WORKERS > 1, or GRAFT_SEPARATE_INFERENCE): the entry workers never
+  import TensorFlow, so extra ones are cheap, and share `Inference`, one process that owns
+  the models, through `bentoml.depends`: over a Unix socket in production, in-process under
+  `bentoml serve --development`.
 """
 
 import asyncio
@@ -14,13 +21,16 @@ from typing import Any
 import bentoml
 
 from service.app.drain import draining
+from service.app.in_process import InProcessInference
 from service.app.inference_client import InferenceClient
 from service.app.inference_service import Inference
 from service.app.process import ENTRY_TIMEOUT_S, SETTINGS
 from service.gateway import Gateway
-from service.protocol.http import endpoint_labels
+from service.protocol.http import connections, endpoint_labels
 from service.protocol.http.guard import RequestGuard
 from service.protocol.http.routes import build_app
+from service.settings import GraftSettings
+from service.wire import InferenceBackend
 
 
 def _serves_grpc() -> bool:
@@ -40,20 +50,29 @@ def _current_gateway() -> Gateway:
 
 HTTP_APP = build_app(_current_gateway)
 endpoint_labels.install(HTTP_APP.routes)  # before BentoML builds the apps of these services
+connections.install(SETTINGS.header_timeout_s)  # before uvicorn starts serving
 
 
-@bentoml.asgi_app(HTTP_APP, path="/")
-@bentoml.service(name="graft", workers=SETTINGS.workers, traffic={"timeout": ENTRY_TIMEOUT_S})
-class Graft:
-    inference = bentoml.depends(Inference)
+class _Entry:
+    """What both layouts share: the Gateway over a backend, the status watcher, gRPC."""
 
     def __init__(self) -> None:
-        self.gateway = Gateway(InferenceClient(self.inference), SETTINGS, draining=draining)
+        self.gateway = Gateway(self._backend(), SETTINGS, draining=draining)
         self._watcher: asyncio.Task[None] | None = None
         self._grpc: Any = None
 
+    def _backend(self) -> InferenceBackend:
+        raise NotImplementedError
+
+    def _open_backend(self) -> None:
+        """Called first at start-up (on the serving event loop)."""
+
+    async def _close_backend(self) -> None:
+        """Called last at shut-down, once nothing can send a request any more."""
+
     @bentoml.on_startup
     async def start(self) -> None:
+        self._open_backend()
         self._watcher = asyncio.create_task(self.gateway.watch_status())
         if _serves_grpc():
             from service.protocol.grpc.server import start_grpc_server
@@ -68,11 +87,47 @@ class Graft:
             await stop_grpc_server(self._grpc)
         if self._watcher is not None:
             self._watcher.cancel()
+        await self._close_backend()
 
     async def __is_ready__(self) -> bool:
         return self.gateway.ready()
 
 
-Graft.add_asgi_middleware(
-    RequestGuard, max_body_bytes=SETTINGS.max_body_bytes, max_push_bytes=SETTINGS.max_push_bytes
-)
+class OneProcess(_Entry):
+    """The entry worker owns the inference side: one worker, GRAFT_SEPARATE_INFERENCE off."""
+
+    def _backend(self) -> InferenceBackend:
+        self._inference = InProcessInference(SETTINGS)
+        return self._inference
+
+    def _open_backend(self) -> None:
+        self._inference.start()
+
+    async def _close_backend(self) -> None:
+        await self._inference.close()
+
+
+class TwoServices(_Entry):
+    """The entry workers call the `Inference` service."""
+
+    inference = bentoml.depends(Inference)
+
+    def _backend(self) -> InferenceBackend:
+        return InferenceClient(self.inference)
+
+
+def _service(layout: type[_Entry]) -> Any:
+    service = bentoml.asgi_app(HTTP_APP, path="/")(
+        bentoml.service(
+            name="graft", workers=SETTINGS.workers, traffic={"timeout": ENTRY_TIMEOUT_S}
+        )(layout)
+    )
+    service.add_asgi_middleware(RequestGuard, settings=SETTINGS)
+    return service
+
+
+def two_services(settings: GraftSettings) -> bool:
+    return settings.workers > 1 or settings.separate_inference
+
+
+Graft = _service(TwoServices if two_services(SETTINGS) else OneProcess)

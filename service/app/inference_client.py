@@ -9,10 +9,12 @@ from typing import Any
 import aiohttp
 
 from service.app.replies import InferReply, MetadataReply, Reply, StatusReply
+from service.errors import GraftError
 from service.wire import InferItem, InferResult, ModelMetadata, ModelStatus
 
 logger = logging.getLogger("graft.service")
-_RETRIES = 8  # after a connection-level failure: enough to drain a pool of dead connections
+_CONNECT_RETRIES = 8  # never delivered: the connection itself failed
+_REPLAYS = 1  # possibly delivered: the connection broke after the request went out
 
 
 class InferenceClient:
@@ -20,9 +22,13 @@ class InferenceClient:
 
     BentoML 1.4's dependency client recycles its aiohttp session every 100 requests by closing
     it, which cuts the requests still in flight on it ("Server disconnected", bentoml#4971).
-    Recycling is turned off here, and every call (all are idempotent) is retried after a
-    connection-level failure; that also carries requests over a restart of the inference
-    process, whose socket (held by BentoML's supervisor) queues them for the new worker.
+    Recycling is turned off here. A call that could not connect was never delivered and is
+    retried (within the gateway's deadline). A call whose connection broke after it was sent
+    may have reached the inference process, and may even be what killed it: it is replayed
+    once, no more, so a request that crashes the process cannot crash every restarted one.
+    That one replay also covers a pooled connection that died idle (a restarted inference
+    process), and carries the call over the restart: the socket, held by BentoML's
+    supervisor, queues it for the new worker.
     """
 
     def __init__(self, inference: Any) -> None:
@@ -52,14 +58,22 @@ class InferenceClient:
 
     async def _retrying(self, api: str, *args: Any) -> Any:
         call = getattr(self._inference.to_async, api)
-        for attempt in range(_RETRIES + 1):
+        refused = replayed = 0
+        while True:
             try:
                 return await call(*args)
-            except (aiohttp.ClientConnectionError, ConnectionError) as exc:
-                if attempt == _RETRIES:
+            except aiohttp.ClientConnectorError as exc:  # before any byte of the call was sent
+                refused += 1
+                if refused > _CONNECT_RETRIES:
                     raise
-                # Each failure discards one dead pooled connection; the gateway's deadline
-                # bounds the whole loop.
                 logger.warning("inference %s: %s; retrying", api, exc)
-                await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
-        raise AssertionError("unreachable")
+                await asyncio.sleep(min(0.05 * 2**refused, 1.0))
+            except (aiohttp.ClientConnectionError, ConnectionError) as exc:
+                replayed += 1
+                if replayed > _REPLAYS:
+                    logger.error("inference %s: %s again; not sent a third time", api, exc)
+                    raise GraftError(
+                        "the inference process went away twice while answering this request; "
+                        "it is not sent again, since it may be what stops it (see the server log)"
+                    ) from exc
+                logger.warning("inference %s: %s; sending it once more", api, exc)

@@ -13,6 +13,7 @@ metadata (owners, modes, times) is trusted.
 Layout (what `training.export.export_model` writes), at the archive root or under one folder:
     saved_model.pb  fingerprint.pb  graft.json  assets/labels.txt
     variables/variables.index  variables/variables.data-NNNNN-of-NNNNN
+    onnx/model.onnx   (when exported with the accelerated network)
 Make one with `pack_export(export_dir)` or `tar -C EXPORT_DIR -czf model.tar.gz .`.
 """
 
@@ -29,13 +30,19 @@ from typing import BinaryIO
 
 from service.errors import GraftError, RejectedModel
 from service.settings import GraftSettings
-from service.store.layout import LABELS_FILE, MANIFEST_FILE, SAVED_MODEL_FILE, VARIABLES_INDEX_FILE
+from service.store.layout import (
+    LABELS_FILE,
+    MANIFEST_FILE,
+    ONNX_FILE,
+    SAVED_MODEL_FILE,
+    VARIABLES_INDEX_FILE,
+)
 from service.units import MiB
 
-_ALLOWED_DIRS = {"variables", "assets"}
+_ALLOWED_DIRS = {"variables", "assets", str(PurePosixPath(ONNX_FILE).parent)}
 _ALLOWED_FILES = re.compile(
     rf"^({re.escape(SAVED_MODEL_FILE)}|fingerprint\.pb|{re.escape(MANIFEST_FILE)}"
-    rf"|{re.escape(LABELS_FILE)}|{re.escape(VARIABLES_INDEX_FILE)}"
+    rf"|{re.escape(LABELS_FILE)}|{re.escape(VARIABLES_INDEX_FILE)}|{re.escape(ONNX_FILE)}"
     r"|variables/variables\.data-[0-9]{5}-of-[0-9]{5})$"
 )
 _CHUNK = MiB
@@ -52,8 +59,9 @@ _MAX_EXTENSION_BYTES = 64 * 1024  # a graft export's names and pax records are s
 _MAX_EXTENSION_CHAIN = 8  # pax global + pax + long name + long link is 4
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _LAYOUT_HINT = (
-    "a push holds only saved_model.pb, fingerprint.pb, graft.json, assets/labels.txt and "
-    "variables/variables.{index,data-*} (no .h5, .keras, .pkl or other files)"
+    "a push holds only saved_model.pb, fingerprint.pb, graft.json, assets/labels.txt, "
+    "variables/variables.{index,data-*} and onnx/model.onnx (no .h5, .keras, .pkl or other "
+    "files)"
 )
 
 

@@ -4,7 +4,8 @@ A batch mixes items from many requests (HTTP and gRPC alike), possibly for diffe
 versions. Items are grouped by (model, version) and each group is one call of the SavedModel's
 `serving_default` on the encoded bytes. If a group fails to decode, it is split in halves until
 the bad images are alone, so a single bad image fails only its own item (and so its own
-request), never the batch.
+request), never the batch. A group that runs the device out of memory (a GPU) is split the
+same way: smaller batches are retried, and only an image that cannot run alone gets a 503.
 """
 
 import time
@@ -14,7 +15,7 @@ from typing import cast
 import numpy as np
 
 from service import metrics
-from service.errors import BadModelOutput, GraftError, InvalidImage
+from service.errors import BadModelOutput, DeviceOutOfMemory, GraftError, InvalidImage
 from service.runtime.loaded_model import LoadedModel
 from service.runtime.versions import VersionManager
 from service.wire import InferItem, InferResult, ModelMetadata
@@ -28,6 +29,7 @@ def metadata_of(model: LoadedModel) -> ModelMetadata:
         image_size=model.image_size,
         signatures=model.signatures,
         runtime=model.runtime,
+        device=model.device,
     )
 
 
@@ -61,15 +63,37 @@ def _run_group(model: LoadedModel, items: list[InferItem]) -> list[InferResult]:
     started = time.perf_counter()
     try:
         probabilities = model.predict([item.image for item in items])
-    except InvalidImage as exc:
+    except Exception as exc:
+        failure = _item_failure(model, exc)
         if len(items) == 1:
-            return [_failure(model.name, model.version, exc)]
+            return [_failure(model.name, model.version, failure)]
         half = len(items) // 2
         return _run_group(model, items[:half]) + _run_group(model, items[half:])
     version = str(model.version)
     metrics.BATCH_SIZE.labels(model.name, version).observe(len(items))
     metrics.INFERENCE_DURATION.labels(model.name, version).observe(time.perf_counter() - started)
     return [_success(model, row) for row in probabilities]
+
+
+def _item_failure(model: LoadedModel, exc: Exception) -> GraftError:
+    """What a failed call means for its images; anything else is no single image's fault."""
+    if isinstance(exc, InvalidImage):
+        return exc
+    if _out_of_memory(exc):
+        metrics.OUT_OF_MEMORY.labels(model.name, str(model.version)).inc()
+        return DeviceOutOfMemory(
+            f"model {model.name!r} version {model.version} ran {model.device} out of memory "
+            "on this image alone; retry later, or send smaller images"
+        )
+    raise exc
+
+
+def _out_of_memory(exc: Exception) -> bool:
+    """TensorFlow's ResourceExhaustedError, or ONNX Runtime's / CUDA's allocation failures."""
+    if type(exc).__name__ == "ResourceExhaustedError":
+        return True
+    text = str(exc).lower()
+    return any(sign in text for sign in ("out of memory", "failed to allocate memory"))
 
 
 def _success(model: LoadedModel, row: np.ndarray) -> InferResult:

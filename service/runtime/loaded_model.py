@@ -22,6 +22,8 @@ from tensorflow.core.framework import types_pb2
 
 from service import metrics
 from service.errors import InvalidImage, RejectedModel
+from service.runtime.devices import grow_gpu_memory
+from service.runtime.graph_ops import refuse_unlisted_ops
 from service.runtime.networks import (
     TENSORFLOW,
     Engine,
@@ -34,6 +36,7 @@ from service.store.manifest import Manifest
 from service.store.repository import ModelRepository
 
 logger = logging.getLogger("graft.runtime")
+grow_gpu_memory()  # before any model of this process touches a GPU
 
 _WARMUP_IMAGES = 3
 _SUM_TOLERANCE = 1e-3
@@ -52,6 +55,7 @@ class LoadedModel:
     _serve: Any
     _network: Network | None = None
     runtime_note: str | None = None  # why the version is not on the runtime it was asked for
+    device: str = "cpu"  # what runs the network: cpu or gpu:N
 
     @property
     def runtime(self) -> str:
@@ -72,6 +76,7 @@ class LoadedModel:
         """Verify, load and warm up `name`/`version` on `engine`; RejectedModel says why it
         cannot serve."""
         manifest = repository.verify(name, version)
+        refuse_unlisted_ops(repository.version_dir(name, version))  # volume-published too
         try:
             module = tf.saved_model.load(str(repository.version_dir(name, version)))
         except (OSError, ValueError, tf.errors.OpError) as exc:
@@ -84,7 +89,15 @@ class LoadedModel:
             )
         serve = module.signatures[SERVING_SIGNATURE]
         _check_signature(name, version, serve, len(manifest.labels))
-        model = cls(name, version, manifest, _signature_defs(module.signatures), module, serve)
+        model = cls(
+            name,
+            version,
+            manifest,
+            _signature_defs(module.signatures),
+            module,
+            serve,
+            device=str(engine.device),
+        )
         model.warm_up()
         if engine.runtime == TENSORFLOW:
             return model
@@ -106,7 +119,7 @@ class LoadedModel:
             return self._on_tensorflow(f"{label} has no {PREPROCESS_SIGNATURE!r} signature")
         path = repository.version_dir(self.name, self.version) / self.manifest.accelerated.file
         try:
-            network = open_network(engine.runtime, path, engine.threads)
+            network = open_network(engine.runtime, path, engine.threads, engine.device)
         except RuntimeUnavailable as exc:
             logger.warning("%s runs on TensorFlow: %s", label, exc)
             return self._on_tensorflow(f"{engine.runtime} is unavailable: {exc}")
@@ -127,10 +140,11 @@ class LoadedModel:
     def _preprocess(self) -> Any:
         return self._module.signatures[PREPROCESS_SIGNATURE]
 
-    @staticmethod
-    def _run(signature: Any, images: list[bytes], output: str) -> np.ndarray:
+    def _run(self, signature: Any, images: list[bytes], output: str) -> np.ndarray:
         try:
-            outputs = signature(images=tf.constant(images, dtype=tf.string))
+            # On a GPU, TensorFlow places what it can there and decodes on the CPU.
+            with tf.device("/CPU:0" if self.device == "cpu" else f"/{self.device.upper()}"):
+                outputs = signature(images=tf.constant(images, dtype=tf.string))
         except tf.errors.InvalidArgumentError as exc:
             raise InvalidImage(f"the image cannot be decoded: {_first_line(exc.message)}") from exc
         return outputs[output].numpy().astype(np.float32, copy=False)

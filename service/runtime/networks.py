@@ -12,13 +12,14 @@ start. OpenVINO is never picked by `auto`: importing it loads its telemetry pack
 
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from service.errors import RejectedModel
+from service.runtime.devices import GPU, Device, DeviceUnavailable, resolve_device
 from service.settings import GraftSettings
 from service.store.layout import ONNX_INPUT
 
@@ -44,17 +45,23 @@ class Network(Protocol):
 
 @dataclass(frozen=True)
 class Engine:
-    """Where versions run: `runtime` (resolved, never "auto") with `threads` per call."""
+    """Where versions run: `runtime` (resolved, never "auto") with `threads` per call, on
+    `device`."""
 
     runtime: str = TENSORFLOW
     threads: int = 1
+    device: Device = field(default_factory=Device)
 
 
 def engine_for(settings: GraftSettings) -> Engine:
-    """The engine GRAFT_RUNTIME and GRAFT_RUNTIME_THREADS ask for; RuntimeUnavailable if it
-    cannot be honoured here."""
+    """The engine GRAFT_RUNTIME, GRAFT_RUNTIME_THREADS and GRAFT_DEVICE ask for;
+    RuntimeUnavailable (one line, naming the setting) if it cannot be honoured here."""
+    try:
+        device = resolve_device(settings.device)
+    except DeviceUnavailable as exc:
+        raise RuntimeUnavailable(str(exc)) from None
     threads = settings.runtime_threads or default_threads(settings.batch_threads)
-    return Engine(resolve(settings.runtime), threads)
+    return Engine(resolve(settings.runtime, device), threads, device)
 
 
 def installed(runtime: str) -> bool:
@@ -62,21 +69,42 @@ def installed(runtime: str) -> bool:
     return runtime == TENSORFLOW or (module is not None and _importable(module))
 
 
-def resolve(setting: str) -> str:
-    """The runtime `GRAFT_RUNTIME=setting` means on this machine; RuntimeUnavailable (one line,
-    naming the setting) when it cannot be honoured."""
+def resolve(setting: str, device: Device = Device()) -> str:
+    """The runtime `GRAFT_RUNTIME=setting` means on this machine and `device`;
+    RuntimeUnavailable (one line, naming the setting) when it cannot be honoured."""
     if setting not in RUNTIMES:
         raise RuntimeUnavailable(
-            f"GRAFT_RUNTIME={setting!r} is not a runtime; choose one of {', '.join(RUNTIMES)}"
+            f"GRAFT_RUNTIME={setting[:40]!r} is not a runtime; choose one of {', '.join(RUNTIMES)}"
         )
     if setting == "auto":
-        return AUTO if installed(AUTO) else TENSORFLOW
+        return AUTO if installed(AUTO) and _runs_on(AUTO, device) else TENSORFLOW
     if not installed(setting):
         raise RuntimeUnavailable(
             f"GRAFT_RUNTIME={setting} but the {setting} package is not installed; "
             f"`pip install {setting}`, or use GRAFT_RUNTIME=auto"
         )
+    if not _runs_on(setting, device):
+        raise RuntimeUnavailable(
+            f"GRAFT_RUNTIME={setting} cannot run on GRAFT_DEVICE={device}: "
+            + (
+                "this onnxruntime has no CUDA provider; `pip install 'graft-serve[gpu]'` "
+                "(onnxruntime-gpu)"
+                if setting == ONNXRUNTIME
+                else "graft runs OpenVINO on the CPU only"
+            )
+        )
     return setting
+
+
+def _runs_on(runtime: str, device: Device) -> bool:
+    """Whether `runtime` can run a network on `device` (TensorFlow: checked when it starts)."""
+    if device.kind != GPU or runtime == TENSORFLOW:
+        return True
+    if runtime == ONNXRUNTIME:
+        import onnxruntime
+
+        return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    return False
 
 
 def default_threads(batch_threads: int) -> int:
@@ -85,7 +113,7 @@ def default_threads(batch_threads: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // batch_threads)
 
 
-def open_network(runtime: str, path: Path, threads: int) -> Network:
+def open_network(runtime: str, path: Path, threads: int, device: Device = Device()) -> Network:
     """The network in `path` (ONNX) on `runtime`: RuntimeUnavailable if the runtime cannot
     start here, RejectedModel if it cannot run this file."""
     networks = {ONNXRUNTIME: OnnxRuntimeNetwork, OPENVINO: OpenVinoNetwork}
@@ -96,7 +124,7 @@ def open_network(runtime: str, path: Path, threads: int) -> Network:
     except Exception as exc:  # a broken install raises more than ImportError
         raise RuntimeUnavailable(f"{runtime} does not import: {_first_line(exc)}") from exc
     try:
-        return networks[runtime](module, path, threads)
+        return networks[runtime](module, path, threads, device)
     except Exception as exc:  # each runtime raises its own types for a file it cannot run
         raise RejectedModel(f"{runtime} cannot load {path.name}: {_first_line(exc)}") from exc
 
@@ -104,7 +132,7 @@ def open_network(runtime: str, path: Path, threads: int) -> Network:
 class OnnxRuntimeNetwork:
     runtime = ONNXRUNTIME
 
-    def __init__(self, ort: Any, path: Path, threads: int) -> None:
+    def __init__(self, ort: Any, path: Path, threads: int, device: Device) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -112,7 +140,10 @@ class OnnxRuntimeNetwork:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Spinning threads burn the cores the other batches and the decoder need.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if device.kind == GPU:
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index}))
+        self._session = ort.InferenceSession(str(path), options, providers=providers)
         self._output = self._session.get_outputs()[0].name
 
     def run(self, pixels: np.ndarray) -> np.ndarray:
@@ -122,7 +153,7 @@ class OnnxRuntimeNetwork:
 class OpenVinoNetwork:
     runtime = OPENVINO
 
-    def __init__(self, ov: Any, path: Path, threads: int) -> None:
+    def __init__(self, ov: Any, path: Path, threads: int, device: Device) -> None:
         config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
         self._compiled = ov.Core().compile_model(str(path), "CPU", config)
 

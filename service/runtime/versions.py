@@ -28,6 +28,7 @@ from service import metrics
 from service.errors import GraftError, ModelNotFound, NotReady
 from service.runtime.loaded_model import LoadedModel
 from service.runtime.networks import Engine
+from service.store.load_records import LoadRecords, default_state_dir
 from service.store.repository import ModelRepository
 from service.wire import ModelStatus, VersionState, VersionStatus
 
@@ -59,10 +60,13 @@ class VersionManager:
         poll_interval_s: float,
         loader: Loader | None = None,
         engine: Engine = Engine(),
+        records: LoadRecords | None = None,
     ) -> None:
         if loader is None:
             loader = partial(LoadedModel.load, engine=engine)
         self._repository = repository
+        # FAILED survives restarts, and so does a load that killed the process (a crash loop)
+        self._records = records or LoadRecords(default_state_dir(repository))
         self._interval = poll_interval_s
         self._loader = loader
         self._slots: dict[str, _ModelState] = {}
@@ -138,8 +142,10 @@ class VersionManager:
             except GraftError as exc:
                 logger.warning("skipping model %s: %s", name, exc.message)
                 continue
+            # once per model and process: the failures that earlier processes recorded
+            failed = self._records.failures(name) if name not in self._slots else {}
             with self._lock:
-                slot = self._slots.setdefault(name, _ModelState())
+                slot = self._slots.setdefault(name, _ModelState(failed=failed))
                 slot.on_disk, slot.pin = on_disk, pin
                 wanted = _wanted(on_disk, pin, slot.failed)
                 load = self._ensure(name, slot, wanted) if wanted is not None else None
@@ -199,15 +205,18 @@ class VersionManager:
 
     def _load(self, name: str, version: int, slot: _ModelState) -> LoadedModel | None:
         started = time.perf_counter()
+        self._records.started(name, version)  # left behind if this load kills the process
         try:
             loaded = self._loader(self._repository, name, version)
         except Exception as exc:  # any failure, expected or not, must leave the old version serving
             reason = exc.message if isinstance(exc, GraftError) else f"{type(exc).__name__}: {exc}"
             logger.error("model %s version %s FAILED: %s", name, version, reason)
+            self._records.failed(name, version, reason)
             with self._lock:
                 slot.failed[version] = reason
             metrics.MODEL_LOADS.labels(name, "failed").inc()
             return None
+        self._records.loaded(name, version)
         metrics.MODEL_LOAD_DURATION.labels(name).observe(time.perf_counter() - started)
         metrics.MODEL_LOADS.labels(name, "loaded").inc()
         logger.info("model %s version %s loaded and warm", name, version)
@@ -227,7 +236,9 @@ class VersionManager:
 
 
 def _runtime_gauge(model: LoadedModel) -> Any:
-    return metrics.MODEL_RUNTIME.labels(model.name, str(model.version), model.runtime)
+    return metrics.MODEL_RUNTIME.labels(
+        model.name, str(model.version), model.runtime, model.device
+    )
 
 
 def _wanted(on_disk: list[int], pin: int | None, failed: dict[int, str]) -> int | None:
@@ -267,6 +278,7 @@ def _available(model: LoadedModel) -> VersionStatus:
         version=model.version,
         state=VersionState.AVAILABLE,
         runtime=model.runtime,
+        device=model.device,
         runtime_note=model.runtime_note,
     )
 

@@ -8,9 +8,9 @@ import hashlib
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, StringConstraints, ValidationError, field_validator
 
 from service.errors import RejectedModel, validation_message
 from service.store.durable import write_durably
@@ -23,6 +23,24 @@ from service.store.layout import (
 )
 
 _CHUNK = 1 << 20
+
+# Bounds on what a graft.json may say, checked before anything loads the version: it comes
+# from a push or from whoever writes the volume, and is not hashed (it holds the hashes).
+# image_size: every backbone's native size is 224; 1024 leaves room for fine-tuning larger
+# while one image's float32 input stays 12 MiB (30000 would be 10 GiB before the network).
+MAX_IMAGE_SIZE = 1024
+# labels: each is a value of graft_predictions_total's label label; ImageNet has 1000.
+MAX_LABELS = 10_000
+MAX_LABEL_CHARS = 128
+MAX_METRICS_BYTES = 64 * 1024  # evaluation figures and a confusion matrix of a few classes
+MAX_FILES = 10_000
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024  # 10,000 labels of 128 characters and 10,000 hashes fit
+_MAX_LABELS_FILE_BYTES = MAX_LABELS * (4 * MAX_LABEL_CHARS + 1)  # UTF-8, one per line
+
+_Short = Annotated[str, StringConstraints(max_length=128)]
+_Label = Annotated[str, StringConstraints(min_length=1, max_length=MAX_LABEL_CHARS)]
+_Path = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+_Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 
 class ManifestError(RejectedModel):
@@ -45,28 +63,38 @@ class Manifest(BaseModel):
     """The content of graft.json. `name` and `version` stay None in an export's draft and are
     filled in by `ModelRepository.publish`."""
 
-    name: str | None = None
-    version: int | None = None
-    backbone: str
-    image_size: int = Field(gt=0)
-    labels: list[str] = Field(min_length=1)
+    name: str | None = Field(None, max_length=63)
+    version: int | None = Field(None, ge=1, le=10**18 - 1)
+    backbone: str = Field(max_length=64)
+    image_size: int = Field(gt=0, le=MAX_IMAGE_SIZE)
+    labels: list[_Label] = Field(min_length=1, max_length=MAX_LABELS)
     metrics: dict[str, Any] = Field(default_factory=dict)
-    dataset_fingerprint: str | None = None
-    framework: dict[str, str] = Field(default_factory=dict)
-    signatures: list[str] = Field(default_factory=lambda: list(SIGNATURES))
+    dataset_fingerprint: str | None = Field(None, max_length=128)
+    framework: dict[_Short, _Short] = Field(default_factory=dict, max_length=32)
+    signatures: list[_Short] = Field(default_factory=lambda: list(SIGNATURES), max_length=16)
     accelerated: Accelerated | None = Field(
         None, description="Absent: the version runs on TensorFlow only (exports before 0.2)."
     )
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
-    files: dict[str, str] = Field(
-        default_factory=dict, description="Relative POSIX path -> sha256 of every other file."
+    files: dict[_Path, _Sha256] = Field(
+        default_factory=dict,
+        max_length=MAX_FILES,
+        description="Relative POSIX path -> sha256 of every other file.",
     )
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics_are_small(cls, metrics: dict[str, Any]) -> dict[str, Any]:
+        size = len(json.dumps(metrics, default=str))
+        if size > MAX_METRICS_BYTES:
+            raise ValueError(f"metrics take {size} bytes of JSON, over {MAX_METRICS_BYTES}")
+        return metrics
 
     @classmethod
     def read(cls, folder: Path) -> "Manifest":
         path = folder / MANIFEST_FILE
         try:
-            return cls.model_validate_json(path.read_bytes())
+            return cls.model_validate_json(_read_bounded(path, MAX_MANIFEST_BYTES))
         except FileNotFoundError:
             raise ManifestError(
                 f"{folder} has no {MANIFEST_FILE}; it is not a graft export"
@@ -80,6 +108,15 @@ class Manifest(BaseModel):
         """Write graft.json durably: a temporary file, fsync, then rename over the old one."""
         text = json.dumps(self.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n"
         write_durably(folder / MANIFEST_FILE, text.encode())
+
+
+def _read_bounded(path: Path, limit: int) -> bytes:
+    """The file's bytes; ManifestError when it is over `limit` (nothing more is read)."""
+    with path.open("rb") as handle:
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise ManifestError(f"{path} is over {limit} bytes; it cannot be a graft manifest")
+    return data
 
 
 def sha256_file(path: Path) -> str:
@@ -140,9 +177,12 @@ def _compare_files(folder: Path, expected: dict[str, str], actual: dict[str, str
 
 def _check_labels_file(folder: Path, labels: list[str]) -> None:
     try:
-        on_disk = (folder / LABELS_FILE).read_text(encoding="utf-8").splitlines()
+        text = _read_bounded(folder / LABELS_FILE, _MAX_LABELS_FILE_BYTES)
+        on_disk = text.decode("utf-8").splitlines()
     except FileNotFoundError:
         raise ManifestError(f"{folder} has no {LABELS_FILE}") from None
+    except UnicodeDecodeError:
+        raise ManifestError(f"{folder}: {LABELS_FILE} is not UTF-8 text") from None
     if on_disk != labels:
         raise ManifestError(f"{folder}: {LABELS_FILE} disagrees with the labels in the manifest")
 

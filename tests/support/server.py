@@ -5,8 +5,11 @@
         httpx.post(f"{server.http}/classify", files=...)
         grpc.insecure_channel(server.grpc_target)
 
-The server is a subprocess (BentoML entry + inference workers), started in its own process
-group so that nothing survives the test; its output goes to `server.log` for failure messages.
+The server is a subprocess, started in its own process group so that nothing survives the
+test; its output goes to `server.log` for failure messages. With `workers=1` (the default, as
+for `graft serve`) one BentoML worker serves the requests and owns the models; with more, or
+with `separate_inference=True`, the entry workers call a separate inference worker
+(`graft-inference`), which `paused_inference` can freeze.
 """
 
 import os
@@ -51,14 +54,17 @@ def running_server(
     default_model: str | None = "imagenet",
     grpc: bool = False,
     workers: int = 1,
+    separate_inference: bool = False,
     env: dict[str, str] | None = None,
     start_timeout_s: float = START_TIMEOUT_S,
 ) -> Iterator[RunningServer]:
     """Start `graft serve`, wait until /readyz is 200, yield its addresses, then stop it.
 
     `env` adds GRAFT_* settings (e.g. {"GRAFT_ADMIN_TOKEN": "s3cret"}); everything else
-    comes from the flags (`default_model=None` passes no --default-model). Raises RuntimeError
-    with the server's log if it never gets ready.
+    comes from the flags (`default_model=None` passes no --default-model). `separate_inference`
+    runs the models in a worker of their own (GRAFT_SEPARATE_INFERENCE) even with one entry
+    worker, as `paused_inference` needs. Raises RuntimeError with the server's log if it never
+    gets ready.
     """
     port, grpc_port = free_port(), free_port() if grpc else 0
     command = [
@@ -72,6 +78,8 @@ def running_server(
         "--workers", str(workers),
     ]  # fmt: skip
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("GRAFT_")}
+    if separate_inference:
+        child_env["GRAFT_SEPARATE_INFERENCE"] = "true"
     child_env.update(env or {})
     log = Path(tempfile.mkstemp(prefix="graft-serve-", suffix=".log")[1])
     with log.open("wb") as sink:
@@ -119,15 +127,47 @@ def kill_9(server: RunningServer) -> None:
     server.process.wait()
 
 
+def bentoml_workers(server: RunningServer, service: str) -> list:
+    """The worker processes (psutil) of BentoML service `service` ("graft", the entry, or
+    "graft-inference") under `server`; `graft serve` supervises the BentoML server as a child,
+    so the workers are grandchildren."""
+    import psutil  # a BentoML dependency
+
+    found = []
+    for process in psutil.Process(server.process.pid).children(recursive=True):
+        with suppress(psutil.Error):  # the process ended while we looked
+            command = process.cmdline()
+            named = "--service-name" in command[:-1]
+            if named and command[command.index("--service-name") + 1] == service:
+                found.append(process)
+    return found
+
+
+def model_worker(server: RunningServer) -> object:
+    """The one process that holds the models (psutil): the inference worker of the two-process
+    layout, or the only worker of the one-process layout."""
+    workers = bentoml_workers(server, "graft-inference") or bentoml_workers(server, "graft")
+    assert len(workers) == 1, (
+        f"{len(workers)} model workers under graft serve:\n{server.log_tail()}"
+    )
+    return workers[0]
+
+
 @contextmanager
 def paused_inference(server: RunningServer) -> Iterator[None]:
     """Freeze the model worker (SIGSTOP), as a hung model or a stalled host would, and resume
-    it (SIGCONT) on exit: requests already admitted stay admitted until their deadline."""
+    it (SIGCONT) on exit: requests already admitted stay admitted until their deadline.
+
+    Only the two-process layout has a model worker apart from the entry, so the server must
+    run with `separate_inference=True` (or `workers=2`): freezing the one worker of the
+    one-process layout would freeze its HTTP side too."""
     import psutil  # a BentoML dependency
 
-    children = psutil.Process(server.process.pid).children(recursive=True)
-    workers = [p for p in children if "graft-inference" in p.cmdline()]
-    assert workers, f"no graft-inference worker under graft serve:\n{server.log_tail()}"
+    workers = bentoml_workers(server, "graft-inference")
+    assert workers, (
+        "no graft-inference worker under graft serve: paused_inference needs the two-process "
+        f"layout, running_server(..., separate_inference=True):\n{server.log_tail()}"
+    )
     for worker in workers:
         worker.suspend()
     try:

@@ -51,6 +51,10 @@ def _options(settings: GraftSettings) -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
         # A second server on the same port must fail loudly, not silently share it.
         ("grpc.so_reuseport", 0),
+        # One connection cannot open calls without bound (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS).
+        ("grpc.max_concurrent_streams", settings.grpc_max_streams_per_connection),
+        # Idle connections are closed (GOAWAY), so that sockets do not pile up.
+        ("grpc.max_connection_idle_ms", int(settings.grpc_max_connection_idle_s * 1000)),
     ]
 
 
@@ -66,7 +70,10 @@ def _bind(server: grpc.aio.Server, address: str) -> None:
 
 async def start_grpc_server(gateway: Gateway, settings: GraftSettings) -> grpc.aio.Server:
     """Start serving on settings.host:settings.grpc_port; stop it with `stop_grpc_server`."""
-    server = grpc.aio.server(options=_options(settings))
+    # Calls beyond the cap get RESOURCE_EXHAUSTED from grpc itself, before any handler runs.
+    server = grpc.aio.server(
+        options=_options(settings), maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs
+    )
     classifier_pb2_grpc.add_ImageClassifierServicer_to_server(
         ImageClassifierServicer(gateway), server
     )

@@ -5,7 +5,7 @@ import binascii
 import json
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
@@ -23,7 +23,7 @@ class B64(BaseModel):
 
 class ClassifyJSON(BaseModel):
     images: list[B64]
-    model: str | None = None
+    model: str | None = Field(None, min_length=1)  # "" names no model: refused, not defaulted
     version: int | None = None
     top_k: int = DEFAULT_TOP_K
 
@@ -69,7 +69,8 @@ async def _parse_multipart(request: Request) -> tuple[list[bytes], ClassifyJSON]
         if any(not isinstance(part, UploadFile) for part in parts):
             raise BadRequest("`images` must be file parts (curl -F images=@photo.jpg)")
         images = [await part.read() for part in parts if isinstance(part, UploadFile)]
-        fields = {k: form.get(k) for k in ("model", "version", "top_k") if form.get(k)}
+        # An empty field is a value (refused as such), not an absent one: as in JSON
+        fields = {k: form.get(k) for k in ("model", "version", "top_k") if k in form}
     try:
         parsed = ClassifyJSON.model_validate({"images": [], **fields})
     except ValidationError as exc:

@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -63,7 +64,24 @@ def build_app(get_gateway: GatewayGetter) -> Starlette:
         Route("/openapi.json", api.openapi, methods=["GET"]),
         *v2_routes(get_gateway),  # the Open Inference Protocol (service/protocol/v2)
     ]
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, exception_handlers={HTTPException: _no_route})
+
+
+async def _no_route(request: Request, exc: Exception) -> Response:
+    """A method no route serves: the JSON error body too, not Starlette's plain text (paths
+    that no route serves at all are answered by BentoML, whose 404 the request guard turns
+    into JSON)."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        return _method_not_allowed(request, allow=(exc.headers or {}).get("allow", ""))
+    body = ErrorBody(error="not_found", message="no route serves this path; see /openapi.json")
+    return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=exc.headers)
+
+
+def _method_not_allowed(request: Request, allow: str) -> JSONResponse:
+    message = f"{request.method} is not served at this path (it takes {allow or 'none'})"
+    body = ErrorBody(error="method_not_allowed", message=message)
+    return JSONResponse(body.model_dump(), status_code=405, headers={"Allow": allow})
 
 
 class _Handlers:
@@ -120,6 +138,8 @@ class _Handlers:
         return JSONResponse({"predictions": predictions})
 
     async def tf_status(self, request: Request) -> Response:
+        if request.path_params["name"].endswith(":predict"):  # GET of the predict route
+            return _method_not_allowed(request, allow="POST")
         return await self._observed(request, "/v1/models/{name}", self._tf_status)
 
     async def _tf_status(self, request: Request) -> Response:
@@ -138,8 +158,13 @@ class _Handlers:
         name = validate_name(request.path_params["name"])
         meta = await self._gateway().metadata(name, request.path_params.get("version"))
         spec = {"name": meta.name, "signature_name": "", "version": str(meta.version)}
-        # TF Serving answers `signature_def` only; `runtime` is graft's (what runs the network).
-        metadata = {"signature_def": {"signature_def": meta.signatures}, "runtime": meta.runtime}
+        # TF Serving answers `signature_def` only; `runtime` and `device` are graft's (what runs
+        # the network, and where).
+        metadata = {
+            "signature_def": {"signature_def": meta.signatures},
+            "runtime": meta.runtime,
+            "device": meta.device,
+        }
         return JSONResponse({"model_spec": spec, "metadata": metadata})
 
     # -- management ----------------------------------------------------------------------------

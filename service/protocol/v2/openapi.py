@@ -4,6 +4,12 @@ service/protocol/http/openapi.py assembles. Self-contained: no shared component 
 from typing import Any
 
 from service.protocol.v2.tensors import DEFAULT_OUTPUTS, OUTPUT_DATATYPES
+from service.store.repository import NAME_PATTERN
+
+# What the request guard (service/protocol/http/guard.py) may answer on any route: a framing
+# header sent twice, a body too slow or too large, a pickle body, too much in flight.
+GUARD_STATUSES = (400, 408, 413, 415, 503)
+_NAME_PATTERN = NAME_PATTERN.pattern
 
 _ERROR = {
     "type": "object",
@@ -49,8 +55,18 @@ _INFER_REQUEST = {
     },
     "required": ["inputs"],
 }
-_MODEL = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
-_VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
+_MODEL = {
+    "name": "name",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": _NAME_PATTERN},
+}
+_VERSION = {
+    "name": "version",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": r"^[1-9][0-9]{0,17}$"},
+}
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -58,7 +74,8 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 
 def _errors(*codes: int) -> dict[str, Any]:
-    return {str(code): _json(_ERROR, "The protocol's error object") for code in codes}
+    error = _json(_ERROR, "The protocol's error object")
+    return {str(code): error for code in sorted({*codes, *GUARD_STATUSES})}
 
 
 def _get(summary: str, description: str, *codes: int, params: list | None = None) -> dict:

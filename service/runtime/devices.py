@@ -1,0 +1,97 @@
+"""GRAFT_DEVICE: the processor the network runs on, chosen once at start.
+
+`auto` takes the first NVIDIA GPU this process may use, else the CPU; `gpu` / `gpu:N` must
+exist or `graft serve` refuses to start. GPUs are found without importing a GPU library (the
+entry process stays light): the /dev/nvidiaN nodes the driver (or the NVIDIA container
+runtime) creates, narrowed by CUDA_VISIBLE_DEVICES as CUDA itself does.
+"""
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CPU = "cpu"
+GPU = "gpu"
+DEVICES = ("auto", CPU, GPU, "gpu:N")
+_SETTING = re.compile(r"^(auto|cpu|gpu)(?::(\d{1,3}))?$")
+_NODE = re.compile(r"^nvidia\d+$")
+
+# Batching per device. CPU: measured on 2 cores (decision 34, re-tuned in BENCHMARKS.md). GPU:
+# a batch costs nearly the same at 1 and 32 images, so wait up to 2 ms to fill bigger ones;
+# two batches in flight keep the GPU busy while the CPU decodes the next (not yet measured on
+# a GPU: BENCHMARKS.md says so).
+BATCHING = {
+    CPU: {},
+    GPU: {"max_batch_size": 32, "batch_timeout_ms": 2.0, "batch_threads": 2},
+}
+
+
+class DeviceUnavailable(RuntimeError):
+    """GRAFT_DEVICE names a device this machine does not have."""
+
+
+@dataclass(frozen=True)
+class Device:
+    kind: str = CPU
+    index: int = 0
+
+    def __str__(self) -> str:
+        return CPU if self.kind == CPU else f"{GPU}:{self.index}"
+
+
+def visible_gpus(dev: Path = Path("/dev"), environ: Mapping[str, str] = os.environ) -> int:
+    """How many NVIDIA GPUs this process may use."""
+    try:
+        nodes = sum(1 for entry in os.scandir(dev) if _NODE.match(entry.name))
+    except OSError:
+        return 0
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return nodes
+    # CUDA stops enumerating at the first invalid entry ("-1" hides every GPU).
+    listed = 0
+    for entry in visible.split(","):
+        if not entry.strip() or entry.strip().startswith("-"):
+            break
+        listed += 1
+    return min(nodes, listed)
+
+
+def resolve_device(setting: str, gpus: int | None = None) -> Device:
+    """The device `GRAFT_DEVICE=setting` means here; DeviceUnavailable (one line) otherwise."""
+    match = _SETTING.match(setting.strip().lower())
+    if match is None or (match[2] is not None and match[1] != GPU):
+        raise DeviceUnavailable(
+            f"GRAFT_DEVICE={setting[:40]!r} is not a device; use auto, cpu, gpu or gpu:N"
+        )
+    count = visible_gpus() if gpus is None else gpus
+    kind, index = match[1], int(match[2] or 0)
+    if kind == "auto":
+        return Device(GPU, 0) if count else Device(CPU)
+    if kind == CPU:
+        return Device(CPU)
+    if index >= count:
+        seen = f"{count} visible GPU{'s' if count != 1 else ''}" if count else "no visible GPU"
+        raise DeviceUnavailable(
+            f"GRAFT_DEVICE={setting} but this machine has {seen} (/dev/nvidia*, "
+            "CUDA_VISIBLE_DEVICES); use GRAFT_DEVICE=auto or cpu"
+        )
+    return Device(GPU, index)
+
+
+def batching_defaults(device: Device, chosen: set[str]) -> dict[str, Any]:
+    """The batching settings `device` wants, except those the user set (`chosen`)."""
+    return {key: value for key, value in BATCHING[device.kind].items() if key not in chosen}
+
+
+def grow_gpu_memory() -> None:
+    """Let TensorFlow take GPU memory as it needs it instead of all of it at its first op,
+    so that ONNX Runtime's CUDA provider, a second model and the training job fit beside it.
+    Must run before TensorFlow touches a GPU; without a GPU it does nothing."""
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.set_memory_growth(gpu, True)

@@ -1,0 +1,242 @@
+"""The two layouts of `graft serve`, and what a request that kills the model process costs.
+
+GRAFT_WORKERS=1 (the default): one BentoML worker serves HTTP and gRPC and owns the models.
+GRAFT_WORKERS>1: entry workers without TensorFlow call one inference worker over a socket.
+
+The poison model is a real SavedModel (of allowed ops only) that spins for ever on any image
+over 20 KB; its warm-up images are smaller. While a worker spins on one, the test kills it
+with SIGKILL, as a crash or the OOM killer would. Each time the request is delivered again,
+the new worker's batch counter moves and it is killed again. A request that takes its worker
+down must not be replayed into every restarted inference worker.
+"""
+
+import io
+import os
+import re
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from support.exports import raw_saved_model
+from support.server import (
+    RunningServer,
+    bentoml_workers,
+    model_worker,
+    paused_inference,
+    running_server,
+    wait_for_images_in_flight,
+)
+
+from service.store.repository import ModelRepository
+from service.stubs.graft.v1 import classifier_pb2 as pb
+from service.stubs.graft.v1 import classifier_pb2_grpc as pb_grpc
+
+POISON_BYTES = 20_000
+READY_TIMEOUT_S = 180
+
+
+def _spins_on_large_images(images: object) -> object:
+    import tensorflow as tf
+
+    large = tf.reduce_max(tf.strings.length(images)) > POISON_BYTES
+    spins = tf.while_loop(lambda i: large, lambda i: i + 1, [tf.constant(0)])[0]
+    return tf.fill([tf.shape(images)[0], 2], 0.5) + tf.cast(spins * 0, tf.float32)
+
+
+@pytest.fixture(scope="module")
+def model_root(tmp_path_factory: pytest.TempPathFactory, colour_export: Path) -> Path:
+    root = tmp_path_factory.mktemp("layouts") / "models"
+    repository = ModelRepository(root)
+    repository.publish(colour_export, "colours")
+    export = tmp_path_factory.mktemp("poison") / "export"
+    repository.publish(raw_saved_model(export, ["a", "b"], _spins_on_large_images), "poison")
+    return root
+
+
+@pytest.fixture(scope="module")
+def one_process(model_root: Path) -> Iterator[RunningServer]:
+    with running_server(model_root, default_model="colours", grpc=True) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def two_process(model_root: Path) -> Iterator[RunningServer]:
+    # The poison request's deadline must outlast two restarts of the inference worker.
+    env = {"GRAFT_REQUEST_TIMEOUT_S": "600"}
+    with running_server(model_root, default_model="colours", workers=2, env=env) as server:
+        yield server
+
+
+def red() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (220, 20, 20)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def poison_image() -> bytes:
+    """A valid PNG over POISON_BYTES: noise does not compress."""
+    pixels = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    assert len(buffer.getvalue()) > POISON_BYTES
+    return buffer.getvalue()
+
+
+def classify(server: RunningServer, image: bytes, model: str = "colours") -> httpx.Response:
+    files = [("images", ("image.png", image, "image/png"))]
+    url = f"{server.http}/classify"
+    return httpx.post(url, files=files, data={"model": model}, timeout=120)
+
+
+def starts(server: RunningServer, service: str) -> int:
+    """How many times a worker of `service` has started, from the server's log."""
+    pattern = re.compile(rf"\] Service {re.escape(service)} initialized$", re.MULTILINE)
+    return len(pattern.findall(server.log.read_text(errors="replace")))
+
+
+def batches_started(server: RunningServer) -> float:
+    """Inference batches started so far, over every worker that ever ran (a killed worker's
+    counts stay in the multiprocess folder): a poison request's delivery moves it by one."""
+    text = httpx.get(f"{server.http}/metrics", timeout=30).text
+    lines = [line for line in text.splitlines() if line.startswith("graft_inference_batches_total")]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+
+def kill_when_delivered(server: RunningServer, batches: float) -> int:
+    """Once `batches` inference batches have started (the poison request spins in the model
+    worker), SIGKILL that worker; returns its pid."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while batches_started(server) < batches:
+        assert time.monotonic() < deadline, f"never delivered:\n{server.log_tail()}"
+        time.sleep(0.1)
+    assert batches_started(server) == batches, "delivered more often than expected"
+    victim = model_worker(server)
+    victim.kill()
+    victim.wait(30)
+    return victim.pid
+
+
+def wait_until_serving(server: RunningServer) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        try:
+            ready = httpx.get(f"{server.http}/readyz", timeout=5).status_code == 200
+            if ready and classify(server, red()).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass  # the worker is restarting
+        assert time.monotonic() < deadline, f"never serving again:\n{server.log_tail()}"
+        time.sleep(0.5)
+
+
+# -- one process --------------------------------------------------------------------------------
+
+
+def test_one_worker_serves_http_and_grpc_and_owns_the_models(one_process: RunningServer) -> None:
+    assert bentoml_workers(one_process, "graft-inference") == []
+    (worker,) = bentoml_workers(one_process, "graft")
+    assert model_worker(one_process).pid == worker.pid
+    answer = classify(one_process, red())
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["results"][0]["label"] == "red"
+    with grpc.insecure_channel(one_process.grpc_target or "") as channel:
+        reply = pb_grpc.ImageClassifierStub(channel).Classify(
+            pb.ClassifyRequest(images=[red()]), timeout=60
+        )
+    assert reply.results[0].label == "red"
+    assert reply.results[0].score == pytest.approx(answer.json()["results"][0]["score"], abs=1e-6)
+    metrics = httpx.get(f"{one_process.http}/metrics", timeout=30).text
+    # The batcher's metrics and the gateway's come from the same process and the same /metrics.
+    assert re.search(r'^graft_inference_batches_total\{protocols="grpc"\} [1-9]', metrics, re.M)
+    assert re.search(r'^graft_inference_batches_total\{protocols="http"\} [1-9]', metrics, re.M)
+    assert 'graft_request_duration_seconds_count{code="OK"' in metrics
+    assert httpx.get(f"{one_process.http}/livez", timeout=10).status_code == 200
+
+
+def test_a_worker_killed_mid_request_in_one_process_is_restarted(
+    one_process: RunningServer,
+) -> None:
+    """The worker dies under the request, so its client's connection breaks (nothing is left to
+    answer it); BentoML restarts the worker, which serves again. Nothing replays the request."""
+    before = starts(one_process, "graft")
+    delivered = batches_started(one_process)
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(classify, one_process, poison_image(), "poison")
+        victim = kill_when_delivered(one_process, delivered + 1)
+        with pytest.raises(httpx.TransportError):
+            answer.result(timeout=60)
+    wait_until_serving(one_process)
+    assert model_worker(one_process).pid != victim
+    assert starts(one_process, "graft") == before + 1, one_process.log_tail()
+
+
+# -- two processes ------------------------------------------------------------------------------
+
+
+def test_two_process_layout_has_a_separate_model_worker(two_process: RunningServer) -> None:
+    assert len(bentoml_workers(two_process, "graft")) == 2
+    (inference,) = bentoml_workers(two_process, "graft-inference")
+    assert model_worker(two_process).pid == inference.pid
+    # The entry workers stay light: TensorFlow is loaded in the inference worker only.
+    for entry in bentoml_workers(two_process, "graft"):
+        libraries = {Path(m.path).name for m in entry.memory_maps()}
+        assert not any("tensorflow" in name for name in libraries), entry.pid
+    assert any("tensorflow" in Path(m.path).name for m in inference.memory_maps())
+    with ThreadPoolExecutor(1) as pool:
+        with paused_inference(two_process):
+            held = pool.submit(classify, two_process, red())
+            wait_for_images_in_flight(two_process, 1)
+        assert held.result(timeout=120).status_code == 200
+
+
+def test_a_request_that_kills_the_inference_process_is_sent_at_most_twice(
+    two_process: RunningServer,
+) -> None:
+    """Killed under the request, the inference worker is restarted and the entry sends the
+    request once more; killed under it again, the entry gives up at once (it used to replay it
+    8 times, into each restarted worker)."""
+    before = starts(two_process, "graft-inference")
+    delivered = batches_started(two_process)
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(classify, two_process, poison_image(), "poison")
+        first = kill_when_delivered(two_process, delivered + 1)
+        second = kill_when_delivered(two_process, delivered + 2)  # the replay, in a new worker
+        response = answer.result(timeout=60)  # at once: no third delivery to wait for
+    assert first != second
+    assert response.status_code == 500, response.text
+    assert "not sent again" in response.json()["message"]
+    assert batches_started(two_process) == delivered + 2
+    wait_until_serving(two_process)
+    assert starts(two_process, "graft-inference") == before + 2, two_process.log_tail()
+
+
+# -- BentoML's tracing ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("config", "options", "expected"),
+    [
+        (None, None, "tracing.excluded_urls=/"),
+        (None, "api_server.workers=2", "api_server.workers=2 tracing.excluded_urls=/"),
+        (None, "tracing.sample_rate=1.0", "tracing.sample_rate=1.0"),
+        ("bentoml.yaml", None, None),
+    ],
+)
+def test_graft_serve_skips_spans_unless_tracing_is_configured(
+    monkeypatch: pytest.MonkeyPatch, config: str | None, options: str | None, expected: str | None
+) -> None:
+    from service.app import serve
+
+    for key, value in (("BENTOML_CONFIG", config), ("BENTOML_CONFIG_OPTIONS", options)):
+        if value is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, value)
+    serve._untraced_unless_configured()
+    assert os.environ.get("BENTOML_CONFIG_OPTIONS") == expected
