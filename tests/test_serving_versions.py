@@ -244,7 +244,10 @@ def test_a_killed_inference_process_is_restarted_and_no_request_fails(
     backlog is kept, and a request sent meanwhile waits for the new worker instead of failing."""
     victim = model_worker(server).pid
     os.kill(victim, signal.SIGKILL)
-    response = _classify(http)  # queued until the restarted worker has loaded the model
+    # A new connection (the pooled one died with the worker, which in the default one-process
+    # layout is also the HTTP worker): queued until the restarted worker has loaded the model.
+    with httpx.Client(base_url=server.http, timeout=http.timeout) as fresh:
+        response = _classify(fresh)
     assert response.status_code == 200, response.text
     assert response.json()["version"] == 4
     replacement = model_worker(server).pid

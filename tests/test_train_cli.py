@@ -191,3 +191,31 @@ def test_evaluate_refuses_unknown_classes_and_versions(trained: tuple[Path, Path
     _assert_one_line_error(result, "hexagon")
     result = _graft("evaluate", other, "--name", "shapes", "--model-root", root, "--version", "7")
     assert result.exit_code == 1 and result.stderr.startswith("error: ")
+
+
+def test_mixed_precision_trains_in_float16_and_exports_float32(tmp_path: Path) -> None:
+    import keras
+    import tensorflow as tf
+
+    from service.runtime.loaded_model import LoadedModel
+    from service.runtime.networks import Engine
+
+    data = make_dataset(tmp_path / "data", per_class=6)
+    models = tmp_path / "models"
+    result = _graft(
+        "train", data, "--name", "mixed", "--model-root", models, "--quiet",
+        "--mixed-precision", *TINY,
+    )  # fmt: skip
+    out = _last_json(result)
+    assert out["metrics"]["training"]["precision"] == "mixed_float16"
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored after training
+    repository = ModelRepository(models)
+    version_dir = repository.version_dir("mixed", 1)
+    serve = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+    image = (data / "circle" / sorted(p.name for p in (data / "circle").iterdir())[0]).read_bytes()
+    probabilities = serve(images=tf.constant([image]))["probabilities"]
+    assert probabilities.dtype == tf.float32
+    # The float32 export runs on ONNX Runtime within the agreement check's 1e-4.
+    assert LoadedModel.load(repository, "mixed", 1, Engine("onnxruntime", 1)).runtime == (
+        "onnxruntime"
+    )

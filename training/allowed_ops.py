@@ -37,6 +37,7 @@ def export_architectures() -> Iterator[tuple[str, object, int]]:
     """(what, Keras model: pixels -> probabilities, image size) of everything graft exports."""
     from training.backbones import efficientnet_lite0
     from training.backbones.registry import BACKBONES
+    from training.calibration import calibrated
     from training.model import build_classifier
 
     for name, spec in sorted(BACKBONES.items()):
@@ -46,7 +47,9 @@ def export_architectures() -> Iterator[tuple[str, object, int]]:
         classifier = build_classifier(
             base, _CLASSES, image_size=spec.image_size, backbone=name, hidden_units=16
         )
-        yield f"{name} + a hidden layer", classifier.model, spec.image_size
+        # `graft train` exports it with its fitted temperature (training.calibration).
+        model = calibrated(classifier.model, 1.5)
+        yield f"{name} + a hidden layer, calibrated", model, spec.image_size
     default = efficientnet_lite0(include_top=True, weights=None)
     yield "the ImageNet default", default, int(default.input_shape[1])
 

@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from training.cli_errors import one_line_errors
-from training.defaults import DEFAULT_BACKBONE, DEFAULT_RUNTIME
+from training.defaults import (
+    DEFAULT_BACKBONE,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_RUNTIME,
+    GPU_BATCH_SIZE,
+    default_batch_size,
+)
 
 if TYPE_CHECKING:
     import keras
@@ -35,7 +41,6 @@ if TYPE_CHECKING:
 DEFAULT_IMAGE_SIZE = 224
 DEFAULT_EPOCHS = 15
 DEFAULT_FINE_TUNE_EPOCHS = 5
-DEFAULT_BATCH_SIZE = 32
 DEFAULT_HIDDEN_UNITS = 256
 
 
@@ -81,6 +86,7 @@ class TrainOptions:
     quiet: bool
     hidden_units: int = DEFAULT_HIDDEN_UNITS
     runtime: str = DEFAULT_RUNTIME
+    mixed_precision: bool = False
 
 
 def run_train(options: TrainOptions) -> dict:
@@ -124,7 +130,9 @@ def run_train(options: TrainOptions) -> dict:
         files = write_report(report_dir, metrics, histories, bins)
         print_summary(reporter.console, metrics, f"test split ({options.name})")
         t = time.perf_counter()
-        summary = _summary(options, metrics, len(parts.train), result.training_info())
+        precision = "mixed_float16" if options.mixed_precision else "float32"
+        training = {**result.training_info(), "precision": precision}
+        summary = _summary(options, metrics, len(parts.train), training)
         model = _calibrated_model(classifier, temperature)
         version, version_dir = _publish(options, classifier, model, dataset, summary, Path(tmp))
         timings["export"] = time.perf_counter() - t
@@ -162,22 +170,16 @@ def _fit(
     report_dir: Path,
     reporter: Reporter,
 ) -> tuple[Classifier, FitResult]:
-    """Build the classifier on the pretrained backbone and train it in two phases."""
+    """Build the classifier on the pretrained backbone and train it in two phases (under
+    mixed precision when asked)."""
     from training.augment import AugmentConfig, build_augmenter
     from training.fit import fit
     from training.fit_config import FitConfig
     from training.model import build_classifier
+    from training.precision import mixed_precision
 
     image_size = options.image_size or DEFAULT_IMAGE_SIZE
     weights = None if options.weights.lower() == "none" else options.weights
-    classifier = build_classifier(
-        spec.build(weights=weights, image_size=image_size),
-        len(dataset.classes),
-        image_size=image_size,
-        backbone=spec.name,
-        hidden_units=options.hidden_units,
-        seed=options.seed,
-    )
     config = FitConfig(
         epochs=options.epochs,
         fine_tune_epochs=options.fine_tune_epochs,
@@ -192,7 +194,16 @@ def _fit(
         runtime=options.runtime,
     )
     augment = build_augmenter(AugmentConfig(), options.seed) if options.augment else None
-    return classifier, fit(classifier, parts.train, parts.val, config, augment, reporter)
+    with mixed_precision(options.mixed_precision):
+        classifier = build_classifier(
+            spec.build(weights=weights, image_size=image_size),
+            len(dataset.classes),
+            image_size=image_size,
+            backbone=spec.name,
+            hidden_units=options.hidden_units,
+            seed=options.seed,
+        )
+        return classifier, fit(classifier, parts.train, parts.val, config, augment, reporter)
 
 
 def _predict(
@@ -253,9 +264,13 @@ def _calibrate(
 
 
 def _calibrated_model(classifier: Classifier, temperature: float | None) -> keras.Model:
+    """What is exported: the trained model in float32 (after mixed precision too), with the
+    fitted temperature."""
     from training.calibration import calibrated
+    from training.precision import float32_copy
 
-    return classifier.model if temperature is None else calibrated(classifier.model, temperature)
+    model = float32_copy(classifier.model)
+    return model if temperature is None else calibrated(model, temperature)
 
 
 def _summary(options: TrainOptions, metrics: dict, train_images: int, training: dict) -> dict:
@@ -318,7 +333,12 @@ def train(
     fine_tune_layers: Annotated[
         int | None, typer.Option(help="top backbone layers to unfreeze [default: per backbone]")
     ] = None,
-    batch_size: Annotated[int, typer.Option()] = DEFAULT_BATCH_SIZE,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            help=f"[default: {DEFAULT_BATCH_SIZE}, {GPU_BATCH_SIZE} where a GPU is visible]"
+        ),
+    ] = None,
     max_per_class: Annotated[
         int | None, typer.Option(help="cap training images per class (few-shot runs)")
     ] = None,
@@ -347,16 +367,25 @@ def train(
             "openvino|tensorflow; auto = ONNX Runtime when installed, else TensorFlow",
         ),
     ] = DEFAULT_RUNTIME,
+    mixed_precision: Annotated[
+        bool,
+        typer.Option(
+            "--mixed-precision",
+            help="float16 compute while training (fast on a GPU, slow on a CPU); the export "
+            "stays float32",
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress or tables")] = False,
 ) -> None:
     """Train a classifier on DATA_DIR, evaluate it, publish it as a new version of NAME."""
     from service.runtime.networks import RuntimeUnavailable, resolve
     from service.store.manifest import MAX_IMAGE_SIZE
 
+    batch_size = batch_size or default_batch_size()
     options = TrainOptions(
         data_dir, name, model_root, backbone, image_size, epochs, fine_tune_epochs,
         fine_tune_layers, batch_size, max_per_class, seed, report_dir, not no_augment,
-        not no_cache, views, weights, quiet, hidden_units, runtime,
+        not no_cache, views, weights, quiet, hidden_units, runtime, mixed_precision,
     )  # fmt: skip
     # DataError is a ValueError; RuntimeUnavailable: a named runtime missing or failing (a
     # file it cannot run is a RejectedModel, a GraftError).

@@ -54,6 +54,7 @@ def build_classifier(
             activation="softmax",
             kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
             name="probabilities",
+            dtype="float32",  # softmax and the loss in float32 under mixed precision too
         )
     )
 

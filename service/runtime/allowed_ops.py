@@ -22,6 +22,7 @@ SERVING_OPS = frozenset(
         "Identity",
         "IdentityN",
         "Less",
+        "Log",
         "LogicalAnd",
         "MatMul",
         "Max",

@@ -213,11 +213,29 @@ def _wait_ready(server: RunningServer, timeout_s: float) -> None:
 
 
 def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM the whole process group (graceful), SIGKILL whatever is left after a while."""
+    """SIGTERM the whole process group (graceful), SIGKILL whatever is left after a while.
+
+    BentoML starts its workers in sessions of their own, so the group alone misses them when
+    the graceful stop times out: every descendant seen before and after it is killed too, or
+    a stuck worker would outlive the test and take the CPU from the rest of the suite."""
+    descendants = _descendants(process)
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
         with suppress(subprocess.TimeoutExpired):
             process.wait(STOP_TIMEOUT_S)
+    descendants += _descendants(process)
     with suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
+    for child in descendants:
+        with suppress(Exception):  # psutil.NoSuchProcess: it ended on its own
+            child.kill()
     process.wait()
+
+
+def _descendants(process: subprocess.Popen) -> list:
+    import psutil  # a BentoML dependency
+
+    try:
+        return psutil.Process(process.pid).children(recursive=True)
+    except psutil.Error:
+        return []
