@@ -13,6 +13,12 @@ def data_dir() -> Path:
     return Path(os.environ.get("GRAFT_BENCH_DATA", DEFAULT_DATA))
 
 
+def shown(path: Path) -> str:
+    """A path as the committed reports print it: relative to the checkout, so no report
+    carries the layout of the machine that ran the benchmark."""
+    return os.path.relpath(path.resolve(), REPO_ROOT)
+
+
 def image_paths(root: Path, count: int) -> list[Path]:
     """`count` files taken round-robin across class folders (sorted, so every run sends the
     same images in the same order)."""

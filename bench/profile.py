@@ -78,7 +78,8 @@ def _process_name(frame: str) -> str:
     words = frame.replace('"', " ").split()
     if "--service-name" in words:
         return words[words.index("--service-name") + 1]
-    return " ".join(words[:6])
+    # Executables by name only: the summary is committed, the machine's paths are not.
+    return " ".join(Path(word).name if "/" in word else word for word in words[:6])
 
 
 def record(pid: int, seconds: float, fmt: str, out: Path) -> None:
@@ -99,6 +100,10 @@ def record(pid: int, seconds: float, fmt: str, out: Path) -> None:
         str(out),
     ]
     subprocess.run(cmd, check=True)
+    # py-spy writes command lines (its own, each process's) into the output: keep the
+    # machine's paths out of what is committed.
+    text = out.read_text().replace(cmd[0], "py-spy").replace(f"{REPO_ROOT}/", "")
+    out.write_text(text)
 
 
 def main(argv: list[str]) -> int:

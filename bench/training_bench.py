@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.images import REPO_ROOT, data_dir
+from bench.images import REPO_ROOT, data_dir, shown
 
 GRAFT = str(Path(sys.executable).parent / "graft")
 
@@ -111,7 +111,7 @@ def run(quick: bool) -> dict[str, Any]:
     data = data_dir()
     if not data.is_dir():
         raise FileNotFoundError(f"training benchmark data not found at {data} (GRAFT_BENCH_DATA)")
-    figures: dict[str, Any] = {"dataset": str(data), "quick": quick}
+    figures: dict[str, Any] = {"dataset": shown(data), "quick": quick}
     with tempfile.TemporaryDirectory(prefix="graft-train-bench-") as tmp:
         work = Path(tmp)
         if not quick:
