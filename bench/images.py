@@ -16,7 +16,7 @@ def data_dir() -> Path:
 def shown(path: Path) -> str:
     """A path as the committed reports print it: relative to the checkout, so no report
     carries the layout of the machine that ran the benchmark."""
-    return os.path.relpath(path.resolve(), REPO_ROOT)
+    return os.path.relpath(os.path.abspath(path), REPO_ROOT)
 
 
 def image_paths(root: Path, count: int) -> list[Path]:

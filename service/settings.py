@@ -42,14 +42,20 @@ class GraftSettings(BaseSettings):
         "Unset: MODEL_ROOT/.state/<hostname>. Set it when the model volume is read-only.",
     )
     max_batch_size: int = Field(
-        4, ge=1, description="Adaptive batching: most images per model call; 1 turns it off."
+        8, ge=1, description="Adaptive batching: most images per model call; 1 turns it off."
     )
     batch_timeout_ms: float = Field(
         0.0,
         ge=0,
         description="Adaptive batching: how long a free batch thread waits for a fuller batch.",
     )
-    batch_threads: int = Field(3, ge=1, description="Batches that run at the same time.")
+    batch_threads: int = Field(
+        1,
+        ge=1,
+        description="Batches that run at the same time. Each gets the cores divided by this "
+        "number as its runtime threads (GRAFT_RUNTIME_THREADS), so on a small CPU one batch "
+        "at a time with every core is the fastest at any load.",
+    )
     runtime: str = Field(
         "auto",
         max_length=32,
@@ -125,7 +131,11 @@ class GraftSettings(BaseSettings):
         128, ge=1, description="gRPC calls served at once; more get RESOURCE_EXHAUSTED."
     )
     grpc_max_streams_per_connection: int = Field(
-        32, ge=1, description="Concurrent HTTP/2 streams (calls) one gRPC connection may open."
+        100,
+        ge=1,
+        description="Concurrent HTTP/2 streams (calls) one gRPC connection may open; grpcio's "
+        "client refuses calls beyond it with UNAVAILABLE instead of queueing them, so keep it "
+        "at least the calls one client multiplexes (RFC 9113 recommends no less than 100).",
     )
     grpc_max_connection_idle_s: float = Field(
         300.0, gt=0, description="A gRPC connection with no call for this long is closed."
