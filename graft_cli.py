@@ -9,7 +9,7 @@ import typer
 
 from service import __version__
 from service.app import serve
-from training import commands_models, commands_train
+from training import commands_explain, commands_models, commands_train
 from training.default_model import create_default_model
 
 app = typer.Typer(
@@ -30,3 +30,4 @@ def version() -> None:
 serve.register(app, install_default=create_default_model)
 commands_train.register(app)
 commands_models.register(app)
+commands_explain.register(app)

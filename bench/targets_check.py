@@ -323,6 +323,9 @@ TRAINING_TARGETS = (
     ("T8.3", "training: whole `graft train` <= 15 min", ("default", "wall_s"), 900.0, False, " s"),
     ("T8.6", "training: default `graft train` <= 200 s", ("default", "wall_s"), 200.0, False, " s"),
     ("T8.7", "training: test ECE, calibrated, <= 0.02", ("default", "ece_after"), 0.02, False, ""),
+    ("T8.8", "OOD: non-leaf images flagged >= 95 %", ("ood", "non_leaf_flagged"), 0.95, True, ""),
+    ("T8.9", "OOD: test leaves flagged <= 2 %", ("ood", "test_leaves_flagged"), 0.02, False, ""),
+    ("T8.10", "OOD fit: <= 10 % of `graft train`", ("default", "ood_share"), 0.10, False, ""),
     (
         "T8.4",
         "few-shot (--max-per-class 10): accuracy >= 85 %",

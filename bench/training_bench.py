@@ -6,8 +6,12 @@ Full run, on the benchmark dataset (GRAFT_BENCH_DATA, default plantvillage-apple
      backbone for the feature cache (GRAFT_RUNTIME / --runtime; auto = ONNX Runtime);
   2. `graft train --max-per-class 10` (few-shot): the same figures;
   3. one phase-1 epoch WITHOUT the feature cache, on the same split and settings as run 1,
-     for the cached-vs-uncached epoch speed-up.
-Quick run: only 2 and 3 (3 on the few-shot split), a few minutes.
+     for the cached-vs-uncached epoch speed-up;
+  4. the out-of-distribution flag of run 1's export (`ood`): the share of non-leaf images
+     (bench/ood_images.py: scikit-image's photographs, crops and flips, synthetic textures)
+     and of the test split's leaves that its serving_default flags. Each run's figures also
+     hold the ECE before and after calibration and the seconds of the OOD fit.
+Quick run: only 2, 3 and 4 (3 on the few-shot split, 4 on its export), a few minutes.
 
 Standalone: `python -m bench.training_bench [--quick]` prints the JSON.
 """
@@ -58,6 +62,12 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
         "ece_before": result["metrics"]["calibration"].get("ece_before"),
         "ece_after": result["metrics"]["calibration"].get("ece_after"),
         "calibrate_s": round(timings.get("calibrate", 0.0), 1),
+        "ood_method": result["metrics"].get("ood", {}).get("method"),
+        "ood_validation_flagged": result["metrics"].get("ood", {}).get("validation_flagged_rate"),
+        "ood_test_flagged": result["metrics"].get("ood", {}).get("test_flagged_rate"),
+        "ood_s": round(timings.get("ood", 0.0), 1),
+        # the OOD fit's extra time, as a share of the whole run
+        "ood_share": round(timings.get("ood", 0.0) / result["wall_s"], 4),
         "test_images": result["metrics"]["test_images"],
         "train_images": result["metrics"]["train_images"],
         "wall_s": round(result["wall_s"], 1),
@@ -72,6 +82,50 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
         "evaluate_s": round(timings["evaluate"], 1),
         "export_publish_s": round(timings["export"], 1),
     }
+
+
+def _flagged(serve: Any, images: list[bytes], batch: int = 32) -> list[bool]:
+    """serving_default's `in_distribution` negated, image by image, in batches."""
+    import tensorflow as tf
+
+    flags: list[bool] = []
+    for start in range(0, len(images), batch):
+        outputs = serve(images=tf.constant(images[start : start + batch]))
+        flags.extend((~outputs["in_distribution"].numpy()).tolist())
+    return flags
+
+
+def ood_detection(version_dir: Path, report_dir: Path) -> dict[str, Any]:
+    """The share of non-leaf images (bench/ood_images.py) and of the run's test leaves (its
+    report's split.json) that the published version flags, through its own serving_default."""
+    import tensorflow as tf
+
+    from bench.ood_images import kind, ood_images
+
+    serve = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+    if "in_distribution" not in serve.structured_outputs:
+        return {"skipped": "the version has no out-of-distribution outputs"}
+    others = ood_images()
+    flags = _flagged(serve, [data for _, data in others])
+    split = json.loads((report_dir / "split.json").read_text())
+    test = [(Path(split["root"]) / row["path"]).read_bytes() for row in split["test"]]
+    test_flags = _flagged(serve, test)
+    names = [name for name, _ in others]
+    by_kind: dict[str, list[bool]] = {}
+    for name, flag in zip(names, flags, strict=True):
+        by_kind.setdefault(kind(name), []).append(flag)
+    return {
+        "non_leaf_images": len(others),
+        "non_leaf_flagged": _share(flags),
+        **{f"{k}_flagged": _share(v) for k, v in sorted(by_kind.items())},
+        "missed": [name for name, flag in zip(names, flags, strict=True) if not flag][:20],
+        "test_leaves": len(test),
+        "test_leaves_flagged": _share(test_flags),
+    }
+
+
+def _share(flags: list[bool]) -> float | None:
+    return round(statistics.mean(flags), 4) if flags else None
 
 
 def uncached_phase1_epoch(data: Path, max_per_class: int | None) -> float:
@@ -114,10 +168,13 @@ def run(quick: bool) -> dict[str, Any]:
     figures: dict[str, Any] = {"dataset": shown(data), "quick": quick}
     with tempfile.TemporaryDirectory(prefix="graft-train-bench-") as tmp:
         work = Path(tmp)
-        if not quick:
-            figures["default"] = summarise(train(data, work, "bench-default", []))
+        default = None if quick else train(data, work, "bench-default", [])
+        if default is not None:
+            figures["default"] = summarise(default)
         few = train(data, work, "bench-fewshot", ["--max-per-class", "10"])
         figures["few_shot_10"] = summarise(few)
+        judged = default or few
+        figures["ood"] = ood_detection(Path(judged["path"]), Path(judged["report_dir"]))
     reference = figures["few_shot_10" if quick else "default"]
     uncached = uncached_phase1_epoch(data, 10 if quick else None)
     figures["phase1_uncached_epoch_s"] = round(uncached, 2)

@@ -30,6 +30,22 @@ class ImageTooLarge(InvalidImage):
     code = "image_too_large"
 
 
+class ExplanationsUnavailable(GraftError):
+    """The version was exported before graft baked explanations (the `explain` signature) in."""
+
+    code, http_status = "explanations_unavailable", 400
+    grpc_status = grpc.StatusCode.FAILED_PRECONDITION
+
+    @classmethod
+    def of(cls, what: str) -> "ExplanationsUnavailable":
+        """The error for `what` (e.g. "flowers v3"), saying what to do about it."""
+        return cls(
+            f"{what} cannot explain its predictions: it was exported before graft added "
+            "explanations (it has no `explain` signature). Retrain it with `graft train` and "
+            "publish the new export to explain; it still classifies as before"
+        )
+
+
 class Unauthorized(GraftError):
     code, http_status, grpc_status = "unauthorized", 401, grpc.StatusCode.UNAUTHENTICATED
 

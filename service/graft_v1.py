@@ -19,6 +19,8 @@ def to_proto(response: schemas.ClassifyResponse, request_id: str = "") -> pb.Cla
                 label=result.label,
                 score=result.score,
                 top_classes=[pb.TopClass(label=c.label, score=c.score) for c in result.top_k],
+                in_distribution=result.in_distribution,  # None leaves the optional field unset
+                ood_score=result.ood_score,
             )
             for result in response.results
         ],
@@ -34,6 +36,10 @@ def from_proto(response: pb.ClassifyResponse) -> schemas.ClassifyResponse:
                 label=result.label,
                 score=result.score,
                 top_k=[schemas.TopClass(label=c.label, score=c.score) for c in result.top_classes],
+                in_distribution=(
+                    result.in_distribution if result.HasField("in_distribution") else None
+                ),
+                ood_score=result.ood_score if result.HasField("ood_score") else None,
             )
             for result in response.results
         ],

@@ -95,3 +95,66 @@ REQUESTS_REJECTED = Counter(
     "Requests refused before or during inference, by reason (the error code).",
     ["reason"],
 )
+# -- canary and shadow (service/gateway/trials.py); versions are ones the repository holds ----
+SPLIT_REQUESTS = Counter(
+    "graft_split_requests_total",
+    "Requests naming no version, by the version the canary split sent them to (arm: stable or "
+    "canary).",
+    ["model", "version", "arm"],
+)
+CANARY_RETRIES = Counter(
+    "graft_canary_retries_total",
+    "Canary requests the canary version failed, answered by the stable version instead.",
+    ["model", "version"],
+)
+CANARY_DECISIONS = Counter(
+    "graft_canary_decisions_total",
+    "Canaries withdrawn or promoted automatically (the reason is in GET /models); "
+    "withdrawn_locally: policy.json could not be written (a read-only model volume), so only "
+    "the replica that judged it stopped routing to it.",
+    ["model", "version", "decision"],
+)
+SHADOW_COMPARISONS = Counter(
+    "graft_shadow_comparisons_total",
+    "Images run on the shadow version, by whether its top-1 label agreed with the stable "
+    "version's (agree / disagree), or `error` when the shadow version failed them.",
+    ["model", "version", "outcome"],
+)
+SHADOW_CONFIDENCE = Histogram(
+    "graft_shadow_confidence",
+    "Top-1 probability of each shadowed image, on the stable and on the shadow version "
+    "(role): the means are _sum / _count.",
+    ["model", "version", "role"],
+    buckets=_CONFIDENCE_BUCKETS,
+)
+SHADOW_DROPPED = Counter(
+    "graft_shadow_dropped_total",
+    "Shadow samples never run, by reason: queue_full (GRAFT_SHADOW_QUEUE), busy (callers' "
+    "images were waiting), caller_failed, unavailable (the shadow version is not loaded).",
+    ["model", "reason"],
+)
+PROMOTION_STATE = Gauge(
+    "graft_model_promotion",
+    "1 for the promotion state each version is in (candidate / promoted / rejected), else 0.",
+    ["model", "version", "state"],
+    multiprocess_mode="livemax",
+)
+PROMOTIONS = Counter(
+    "graft_promotions_total",
+    "Promotion gate decisions this replica saw recorded, by outcome (promoted / rejected).",
+    ["model", "outcome"],
+)
+# -- the out-of-distribution flag (versions trained with it; service/runtime/ood_rate.py) -----
+OUT_OF_DISTRIBUTION = Counter(
+    "graft_out_of_distribution_total",
+    "Images a version flagged out of distribution (in_distribution false); divided by "
+    "graft_predictions_total of the same version, the share of inputs unlike the training data.",
+    ["model", "version"],
+)
+OOD_RATE = Gauge(
+    "graft_ood_rate",
+    "Share of a version's last 1000 images flagged out of distribution (about 0.01 on images "
+    "like its validation images, by its threshold): the input-drift signal.",
+    ["model", "version"],
+    multiprocess_mode="livemax",
+)

@@ -69,6 +69,12 @@ class GraftSettings(BaseSettings):
         description="Where the network runs: auto (the first visible NVIDIA GPU, else the CPU), "
         "cpu, gpu or gpu:N; a GPU that is not there stops `graft serve`.",
     )
+    decode_threads: str = Field(
+        "auto",
+        description="Threads that decode a batch's images in parallel (each one a call of the "
+        "version's own `preprocess` signature) on an accelerated runtime: auto (every core on a "
+        "GPU, 1 on the CPU) or a number; 1 decodes a batch in one call.",
+    )
     runtime_threads: int | None = Field(
         None,
         ge=1,
@@ -94,6 +100,14 @@ class GraftSettings(BaseSettings):
     )
     max_queue: int = Field(
         256, ge=1, description="Images waiting for inference before new requests get 503."
+    )
+    shadow_queue: int = Field(
+        64,
+        ge=1,
+        le=100_000,
+        description="Images of sampled requests waiting to be run on a policy's shadow version; "
+        "samples beyond it are dropped (counted), never delayed: shadow work is off the request "
+        "path, and runs only while at most GRAFT_MAX_BATCH_SIZE callers' images are in flight.",
     )
     grpc_max_message_bytes: int = Field(32 * MiB, ge=1)
     max_concurrent_requests: int = Field(

@@ -296,22 +296,45 @@ def test_a_content_length_too_long_to_parse_is_refused(server: RunningServer) ->
 
 
 OUTSIDE_HOST = re.compile(rb"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", re.I)
+REFERENCE = re.compile(rb"""(?:src|href)\s*=\s*["']([^"']+)["']""", re.I)
+CSS_OUTSIDE = re.compile(rb"""url\(\s*["']?(?:https?:)?//|@import""", re.I)
 
 
 def test_no_page_graft_serves_reaches_another_host(http: httpx.Client) -> None:
-    """BentoML's own page (which loads Google Tag Manager) and its assets are not served, and
-    no GET route answers HTML that loads anything from elsewhere."""
-    for path in ("/", "/index.html", "/static_content/swagger-ui-bundle.js", "/assets/x.js"):
+    """BentoML's own page (which loads Google Tag Manager) and its assets are not served, `/`
+    is graft's own page, and no GET route answers HTML that loads anything from elsewhere (the
+    browser's view, with every script run: tests/test_web_page.py)."""
+    for path in ("/index.html", "/static_content/swagger-ui-bundle.js", "/assets/x.js"):
         response = http.get(path)
         assert_error(response, 404, "not_found")
         assert response.headers["content-type"] == "application/json", path
+    home = http.get("/")
+    assert home.status_code == 200 and b"<title>graft" in home.content, home.text[:200]
     paths = [p for p, ops in http.get("/openapi.json").json()["paths"].items() if "get" in ops]
-    paths += ["/", "/docs.json", "/livez", "/readyz", "/metrics"]
+    paths += ["/docs.json", "/livez", "/readyz", "/metrics"]
+    pages = set()
     for template in paths:
         response = http.get(template.replace("{name}", "colours").replace("{version}", "1"))
         if "html" in response.headers.get("content-type", ""):
-            assert not OUTSIDE_HOST.search(response.content), f"{template} loads another host"
+            pages.add(template)
+            assert_page_loads_only_from_here(http, response, template)
         assert b"googletagmanager" not in response.content, template
+    assert {"/", "/docs"} <= pages
+
+
+def assert_page_loads_only_from_here(http: httpx.Client, page: httpx.Response, name: str) -> None:
+    """No reference to another host; a Content-Security-Policy that lets the browser load only
+    from here; every referenced file served here, stylesheets importing nothing from elsewhere."""
+    assert not OUTSIDE_HOST.search(page.content), f"{name} loads another host"
+    policy = page.headers.get("content-security-policy", "")
+    assert "default-src 'none'" in policy and not re.search(r"https?:|\*", policy), policy
+    for reference in REFERENCE.findall(page.content):
+        if reference.startswith(b"data:"):
+            continue
+        asset = http.get(page.url.join(reference.decode()))
+        assert asset.status_code == 200, f"{name} references {reference!r}: {asset.status_code}"
+        if asset.headers["content-type"].startswith("text/css"):
+            assert not CSS_OUTSIDE.search(asset.content), f"{reference!r} loads another host"
 
 
 def test_a_form_field_too_long_to_parse_is_a_400_naming_it(http: httpx.Client) -> None:

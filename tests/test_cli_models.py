@@ -45,9 +45,13 @@ def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_publish_prints_each_new_version(export_dir, tmp_path):
     root = tmp_path / "models"
-    for expected in ("1", "2"):
-        run = graft("publish", export_dir, "--name", "flowers", "--model-root", root)
-        assert (run.returncode, run.stdout.strip()) == (0, expected), run.stderr
+    for expected in (1, 2):  # --promote always: no held-out images to gate the second on
+        run = graft(
+            "publish", export_dir, "--name", "flowers", "--model-root", root, "--promote", "always"
+        )
+        assert run.returncode == 0, run.stderr
+        printed = json.loads(run.stdout.strip().splitlines()[-1])
+        assert (printed["version"], printed["promotion"]["state"]) == (expected, "promoted")
     assert ModelRepository(root).verify("flowers", 2).labels == LABELS
 
 
@@ -144,7 +148,7 @@ def test_push_to_an_unreachable_service_fails_in_one_line(export_dir):
         "push", export_dir, "--name", "flowers", "--url", "http://127.0.0.1:9", "--token", "t",
         timeout=120,
     )  # fmt: skip
-    assert_one_line_error(run, "cannot reach http://127.0.0.1:9/models/flowers/versions")
+    assert_one_line_error(run, "cannot reach http://127.0.0.1:9/models")
 
 
 @pytest.mark.parametrize("seconds", ["0", "-5", "soon"])
@@ -191,16 +195,18 @@ def test_push_to_a_running_service_publishes_the_next_version(export_dir, tmp_pa
     ModelRepository(root).publish(export_dir, "flowers")
     token = "push-test-token-0123"
     with running_server(root, default_model="flowers", env={"GRAFT_ADMIN_TOKEN": token}) as srv:
-        refused = graft("push", export_dir, "--name", "flowers", "--url", srv.http, "--token", "x")
+        url = ("--url", srv.http, "--promote", "always")  # no held-out images to gate on
+        refused = graft("push", export_dir, "--name", "flowers", *url, "--token", "x")
         assert_one_line_error(refused, "refused the push (401)")
-        pushed = graft("push", export_dir, "--name", "flowers", "--url", srv.http, "--token", token)
-        assert (pushed.returncode, pushed.stdout.strip()) == (0, "2"), pushed.stderr
+        pushed = graft("push", export_dir, "--name", "flowers", *url, "--token", token)
+        assert pushed.returncode == 0, pushed.stderr
+        assert json.loads(pushed.stdout.strip().splitlines()[-1])["version"] == 2
         # From a file (a mounted secret): the token is on no command line.
         secret = tmp_path / "token"
         secret.write_text(token + "\n")
-        url = ("--url", srv.http)
         from_file = graft("push", export_dir, "--name", "flowers", *url, "--token-file", secret)
-        assert (from_file.returncode, from_file.stdout.strip()) == (0, "3"), from_file.stderr
+        assert from_file.returncode == 0, from_file.stderr
+        assert json.loads(from_file.stdout.strip().splitlines()[-1])["version"] == 3
         both = graft(
             "push", export_dir, "--name", "flowers", *url, "--token", token, "--token-file", secret
         )

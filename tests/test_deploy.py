@@ -138,6 +138,7 @@ def test_alerts_cover_errors_latency_load_failures_and_confidence() -> None:
     assert "histogram_quantile(0.99" in exprs["GraftHighP99Latency"]
     assert 'outcome="failed"' in exprs["GraftModelLoadFailed"]
     assert "graft_prediction_confidence" in exprs["GraftConfidenceDrop"]
+    assert "graft_ood_rate" in exprs["GraftOutOfDistributionRise"]
 
 
 def _error_classes() -> Iterator[type[service.errors.GraftError]]:

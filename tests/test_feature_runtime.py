@@ -15,7 +15,7 @@ from service.errors import RejectedModel
 from service.runtime.networks import ONNXRUNTIME, TENSORFLOW, RuntimeUnavailable
 from training.augment import AugmentConfig, build_augmenter
 from training.backbones import get_backbone
-from training.evaluate import predict_keras
+from training.evaluate import embed_keras, predict_keras
 from training.feature_cache import Cached, extract
 from training.fit import fit
 from training.fit_config import FitConfig
@@ -104,6 +104,16 @@ def test_predict_follows_the_trained_model(
     want = predict_keras(classifier, parts.val, 8, QUIET)
     assert got.shape == want.shape == (len(parts.val), 3)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    # The trained model's pooled features (what the OOD score is fitted on): from the cache
+    # after phase 2 (`trained`) and in one pass with the probabilities (`embed`).
+    assert result.embed is not None and result.trained is not None
+    pooled, probabilities = result.embed(parts.val, QUIET)
+    want_pooled, want_probabilities = embed_keras(classifier, parts.val, 8, QUIET)
+    np.testing.assert_allclose(probabilities, want_probabilities, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(pooled, want_pooled, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(result.trained.val, want_pooled, rtol=0, atol=1e-4)
+    assert result.trained.train.shape == (len(parts.train), want_pooled.shape[1])
+    assert result.trained.train_labels.tolist() == [s.label for s in parts.train]
 
 
 def test_no_predictor_when_the_frozen_part_trains_on_pixels(

@@ -469,7 +469,9 @@ def test_tf_serving_metadata_lists_the_signatures(channel: grpc.Channel) -> None
     response = prediction_service_pb2_grpc.PredictionServiceStub(channel).GetModelMetadata(request)
     signatures = get_model_metadata_pb2.SignatureDefMap()
     assert response.metadata["signature_def"].Unpack(signatures)
-    assert set(signatures.signature_def) == {"serving_default", "serve_pixels", "preprocess"}
+    assert set(signatures.signature_def) == {
+        "serving_default", "serve_pixels", "preprocess", "explain"
+    }  # fmt: skip
     serving = signatures.signature_def["serving_default"]
     assert serving.inputs["images"].dtype == tf.string.as_datatype_enum
     assert set(serving.outputs) == {"probabilities", "label", "score"}

@@ -167,6 +167,33 @@ def test_train_calibrates_the_scores_it_publishes(trained: tuple[Path, Path, dic
     assert ece == pytest.approx(calibration["ece_after"], abs=2e-3)
 
 
+def test_train_fits_the_ood_flag_it_publishes(trained: tuple[Path, Path, dict]) -> None:
+    import numpy as np
+    import tensorflow as tf
+
+    data, tmp, out = trained
+    report = tmp / "report"
+    ood = json.loads((report / "metrics.json").read_text())["ood"]
+    split = json.loads((report / "split.json").read_text())
+    assert ood["method"] == "mahalanobis" and ood["percentile"] == 99.0
+    assert len(ood["validation_scores"]) == len(split["val"])
+    assert len(ood["test_scores"]) == len(split["test"])
+    assert ood["validation_flagged_rate"] <= 0.5  # the 99th percentile of a few images
+    summary = out["metrics"]["ood"]
+    assert summary["threshold"] == ood["threshold"] and "test_scores" not in summary
+    manifest = ModelRepository(tmp / "models").verify("shapes", 1)
+    assert manifest.ood is not None and manifest.ood.threshold == ood["threshold"]
+    # The published graph scores the test images as training did (the same features).
+    version_dir = ModelRepository(tmp / "models").version_dir("shapes", 1)
+    serve = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+    images = [(data / row["path"]).read_bytes() for row in split["test"]]
+    served = serve(images=tf.constant(images))
+    np.testing.assert_allclose(served["ood_score"].numpy(), ood["test_scores"], rtol=2e-3)
+    assert (
+        served["in_distribution"].numpy() == (served["ood_score"].numpy() <= ood["threshold"])
+    ).all()
+
+
 def test_evaluate_prints_parseable_metrics(trained: tuple[Path, Path, dict]) -> None:
     data, tmp, _ = trained
     result = _graft(

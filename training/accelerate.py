@@ -22,6 +22,7 @@ from service.store.layout import (
     ONNX_FILE,
     ONNX_INPUT,
     ONNX_OUTPUT,
+    OOD_OUTPUTS,
     PIXELS_SIGNATURE,
     PREPROCESS_SIGNATURE,
     SERVING_SIGNATURE,
@@ -94,14 +95,17 @@ def _write_network(module: tf.Module, path: Path) -> Accelerated:
             f"(found {len(cuts)}); re-train or re-export it with this version of graft"
         )
     outputs = dict(zip(sorted(serve_pixels.structured_outputs), frozen.outputs, strict=True))
+    # The out-of-distribution outputs too, where the version has them (the runtime needs all)
+    names = [ONNX_OUTPUT, *(key for key in OOD_OUTPUTS if key in outputs)]
     proto, _ = tf2onnx.convert.from_graph_def(
         graph,
         input_names=[f"{cuts[0]}:0"],
-        output_names=[outputs[ONNX_OUTPUT].name],
+        output_names=[outputs[name].name for name in names],
         opset=ONNX_OPSET,
     )
     _rename(proto, f"{cuts[0]}:0", ONNX_INPUT)
-    _rename(proto, outputs[ONNX_OUTPUT].name, ONNX_OUTPUT)
+    for name in names:
+        _rename(proto, outputs[name].name, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(proto.SerializeToString())
     return Accelerated(

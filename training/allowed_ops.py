@@ -3,7 +3,8 @@
 The list of TensorFlow ops a served SavedModel may contain (service/runtime/graph_ops.py) is
 what graft's own exports contain: one export of every backbone in the registry (random
 weights: ops do not depend on them) and of the ImageNet default's architecture, each with all
-of export_model's signatures (serving_default, serve_pixels, preprocess). Run it after adding
+of export_model's signatures (serving_default, serve_pixels, preprocess), the trained ones with
+the out-of-distribution outputs `graft train` adds (training.ood). Run it after adding
 a backbone, changing the export or upgrading TensorFlow; `--check` exits 1 when the committed
 file differs from what the exports contain now (the test suite runs the same comparison).
 """
@@ -33,8 +34,9 @@ SERVING_OPS are allowed anywhere; SAVING_OPS only in functions that the saver al
 '''
 
 
-def export_architectures() -> Iterator[tuple[str, object, int]]:
-    """(what, Keras model: pixels -> probabilities, image size) of everything graft exports."""
+def export_architectures() -> Iterator[tuple[str, object, int, object]]:
+    """(what, Keras model: pixels -> probabilities, image size, the OOD detector exported with
+    it or None) of everything graft exports."""
     from training.backbones import efficientnet_lite0
     from training.backbones.registry import BACKBONES
     from training.calibration import calibrated
@@ -49,9 +51,22 @@ def export_architectures() -> Iterator[tuple[str, object, int]]:
         )
         # `graft train` exports it with its fitted temperature (training.calibration).
         model = calibrated(classifier.model, 1.5)
-        yield f"{name} + a hidden layer, calibrated", model, spec.image_size
+        ood = _detector(int(classifier.features.output_shape[-1]))
+        yield f"{name} + a hidden layer, calibrated, OOD", model, spec.image_size, ood
     default = efficientnet_lite0(include_top=True, weights=None)
-    yield "the ImageNet default", default, int(default.input_shape[1])
+    yield "the ImageNet default", default, int(default.input_shape[1]), None
+
+
+def _detector(width: int) -> object:
+    """An out-of-distribution detector fitted on random features (its ops do not depend on
+    them)."""
+    import numpy as np
+
+    from training.ood import fit_detector
+
+    features = np.random.default_rng(0).normal(size=(4 * _CLASSES, width)).astype(np.float32)
+    labels = np.arange(len(features)) % _CLASSES
+    return fit_detector(features, labels, features)[0]
 
 
 def current_ops() -> AllowedOps:
@@ -61,7 +76,7 @@ def current_ops() -> AllowedOps:
     serving: set[str] = set()
     saving: set[str] = set()
     with tempfile.TemporaryDirectory(prefix="graft-allowed-ops-") as scratch:
-        for index, (what, model, size) in enumerate(export_architectures()):
+        for index, (what, model, size, ood) in enumerate(export_architectures()):
             labels = [f"class{i}" for i in range(int(model.output_shape[-1]))]
             folder = export_model(
                 model,
@@ -70,6 +85,7 @@ def current_ops() -> AllowedOps:
                 image_size=size,
                 backbone="allowed-ops",
                 accelerated=False,  # the ONNX file does not change the SavedModel
+                ood=ood,
             )
             ops = graph_ops(folder / SAVED_MODEL_FILE)
             serving |= ops.elsewhere

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -26,6 +27,13 @@ from training.defaults import (
     GPU_BATCH_SIZE,
     default_batch_size,
 )
+from training.gate_options import (
+    DEFAULT_MAX_REGRESSION,
+    GateData,
+    MaxRegression,
+    Promote,
+    PromoteMode,
+)
 
 if TYPE_CHECKING:
     import keras
@@ -33,7 +41,9 @@ if TYPE_CHECKING:
 
     from training.backbones import BackboneSpec
     from training.fit import FitResult
+    from training.gate import GateSet
     from training.model import Classifier
+    from training.ood import OodDetector
     from training.progress import Reporter
     from training.scan import Dataset, Sample
     from training.split import Split
@@ -87,12 +97,16 @@ class TrainOptions:
     hidden_units: int = DEFAULT_HIDDEN_UNITS
     runtime: str = DEFAULT_RUNTIME
     mixed_precision: bool = False
+    promote: str = "gated"  # the promotion gate (training/gate.py): gated | always | never
+    gate_data: Path | None = None  # held-out class folders; None: the test split
+    max_regression: float = 0.01
 
 
 def run_train(options: TrainOptions) -> dict:
     """Scan -> split -> fit -> evaluate -> export -> publish; returns the result object."""
     from service.store.repository import validate_name
     from training.backbones import get_backbone
+    from training.error_report import write_training_report
     from training.progress import Reporter
     from training.report import print_summary, write_report
 
@@ -105,6 +119,7 @@ def run_train(options: TrainOptions) -> dict:
     with tempfile.TemporaryDirectory(prefix="graft-train-") as tmp:
         t = time.perf_counter()
         dataset, parts = _scan_and_split(options, Path(tmp) / "reencoded", report_dir, reporter)
+        gate_set = _gate_set(options, dataset, parts, Path(tmp) / "gate", reporter)
         timings["scan"] = time.perf_counter() - t
         reporter.info(
             f"{len(dataset.classes)} classes, {len(dataset.samples)} images: "
@@ -115,7 +130,7 @@ def run_train(options: TrainOptions) -> dict:
         timings["phase1"] = result.phase1.to_json()
         timings["phase2"] = result.phase2.to_json() if result.phase2 else None
         t = time.perf_counter()
-        test = _predict(classifier, result, parts.test, options, reporter)
+        test_features, test = _embed(classifier, result, parts.test, options, reporter)
         metrics = _test_metrics(test, parts, dataset.classes)
         timings["evaluate"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -124,6 +139,12 @@ def run_train(options: TrainOptions) -> dict:
         )
         metrics["calibration"] = calibration
         timings["calibrate"] = time.perf_counter() - t
+        t = time.perf_counter()
+        detector, metrics["ood"] = _fit_ood(
+            classifier, result, parts, test_features, options, reporter
+        )
+        # + the trained features' pass over the cache, which `fit` ran
+        timings["ood"] = time.perf_counter() - t + (result.trained.seconds if result.trained else 0)
         histories = {"phase 1": result.phase1.history}
         if result.phase2:
             histories["phase 2"] = result.phase2.history
@@ -134,13 +155,27 @@ def run_train(options: TrainOptions) -> dict:
         training = {**result.training_info(), "precision": precision}
         summary = _summary(options, metrics, len(parts.train), training)
         model = _calibrated_model(classifier, temperature)
-        version, version_dir = _publish(options, classifier, model, dataset, summary, Path(tmp))
+        # The gate measures the candidate in memory (the calibration keeps every top-1).
+        predict = partial(_predict, classifier, result, options=options, reporter=reporter)
+        version, version_dir, promotion = _publish(
+            options, classifier, model, dataset, summary, Path(tmp), detector, gate_set, reporter,
+            predict,
+        )  # fmt: skip
         timings["export"] = time.perf_counter() - t
+        t = time.perf_counter()
+        # Inside `tmp`: the report's images are the scan's re-encodes where there are some.
+        write_training_report(
+            report_dir, f"{options.name} v{version}", metrics, files, dataset, parts, test,
+            temperature, version_dir, _view_one(result, len(parts.train)), test_features,
+            reporter,
+        )  # fmt: skip
+        timings["report_html"] = time.perf_counter() - t
     (report_dir / "timings.json").write_text(json.dumps(timings, indent=2))
     return {
         "name": options.name,
         "version": version,
         "path": str(version_dir),
+        "promotion": promotion,
         "metrics": summary,
         "seconds": round(time.perf_counter() - started, 3),
         "report_dir": str(report_dir),
@@ -222,6 +257,56 @@ def _predict(
     return predict_keras(classifier, samples, options.batch_size, reporter)
 
 
+def _embed(
+    classifier: Classifier,
+    result: FitResult,
+    samples: list[Sample],
+    options: TrainOptions,
+    reporter: Reporter,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The trained model's pooled features and probabilities for `samples`, in one pass: as
+    `_predict`, the frozen part on the feature cache's runtime when it stayed frozen."""
+    from training.evaluate import embed_keras
+
+    if result.embed is not None:
+        return result.embed(samples, reporter)
+    return embed_keras(classifier, samples, options.batch_size, reporter)
+
+
+def _fit_ood(
+    classifier: Classifier,
+    result: FitResult,
+    parts: Split,
+    test_features: np.ndarray,
+    options: TrainOptions,
+    reporter: Reporter,
+) -> tuple[OodDetector | None, dict]:
+    """The out-of-distribution score fitted on the trained model's features of the training
+    images (every cached view), thresholded on the validation split, judged on the test
+    split: the detector (None: no validation images) and what metrics.json records."""
+    import numpy as np
+
+    from training import ood
+
+    if not parts.val:
+        return None, {"skipped": "the validation split is empty"}
+    trained = result.trained
+    if trained is None or trained.val is None:  # no feature cache: a pass over the pixels
+        train, _ = _embed(classifier, result, parts.train, options, reporter)
+        val, _ = _embed(classifier, result, parts.val, options, reporter)
+        labels = np.array([s.label for s in parts.train])
+    else:
+        train, labels, val = trained.train, trained.train_labels, trained.val
+    detector, val_scores = ood.fit_detector(train, labels, val)
+    return detector, ood.record(detector, val_scores, ood.scores(detector.layer, test_features))
+
+
+def _view_one(result: FitResult, n_train: int) -> np.ndarray | None:
+    """The trained classifier's pooled features of the training images themselves (the
+    cache's first view), or None without the feature cache."""
+    return result.trained.train[:n_train] if result.trained is not None else None
+
+
 def _test_metrics(probabilities: np.ndarray, parts: Split, classes: list[str]) -> dict:
     from training.evaluate import classification_metrics
 
@@ -281,6 +366,7 @@ def _summary(options: TrainOptions, metrics: dict, train_images: int, training: 
         "macro_f1": metrics["macro_f1"],
         "top_k_accuracy": metrics["top_k_accuracy"],
         "calibration": metrics["calibration"],
+        "ood": {k: v for k, v in metrics["ood"].items() if not k.endswith("_scores")},
         "test_images": metrics["count"],
         "train_images": train_images,
         "split_seed": options.seed,
@@ -296,11 +382,20 @@ def _publish(
     dataset: Dataset,
     summary: dict,
     tmp: Path,
-) -> tuple[int, Path]:
-    """Export `model` (the classifier's, calibrated) into `tmp` and publish it as the next
-    version of the name."""
+    ood: OodDetector | None = None,
+    gate_set: GateSet | None = None,
+    reporter: Reporter | None = None,
+    predict: Callable[[list[Sample]], np.ndarray] | None = None,
+) -> tuple[int, Path, dict]:
+    """Export `model` (the classifier's, calibrated, with the `ood` detector's outputs) into
+    `tmp` and publish it as the next version of the name, through the promotion gate (the
+    version, its folder, its promotion record as the JSON line prints it)."""
     from service.store.repository import ModelRepository
     from training.export import export_model
+    from training.gate import publish_gated
+    from training.gate import summary as summary_of
+    from training.gate_options import PromoteMode
+    from training.progress import Reporter
 
     export_dir = export_model(
         model,
@@ -310,10 +405,30 @@ def _publish(
         backbone=classifier.backbone,
         metrics=summary,
         dataset_fingerprint=dataset.fingerprint,
+        ood=ood,
     )
     repository = ModelRepository(options.model_root)
-    version = repository.publish(export_dir, options.name)
-    return version, repository.version_dir(options.name, version)
+    version, promotion = publish_gated(
+        repository, export_dir, options.name, mode=PromoteMode(options.promote), gate=gate_set,
+        max_regression=options.max_regression, batch_size=options.batch_size,
+        reporter=reporter or Reporter(True), predict=predict,
+    )  # fmt: skip
+    return version, repository.version_dir(options.name, version), summary_of(promotion)
+
+
+def _gate_set(
+    options: TrainOptions, dataset: Dataset, parts: Split, work_dir: Path, reporter: Reporter
+) -> GateSet | None:
+    """The promotion gate's held-out images: --gate-data (scanned now, before training, so a
+    bad folder fails at once), else the test split."""
+    from training import gate
+    from training.gate_options import PromoteMode
+
+    if options.promote == PromoteMode.ALWAYS:
+        return None
+    if options.gate_data is not None:
+        return gate.from_folder(options.gate_data, work_dir, reporter)
+    return gate.from_split(parts.test, dataset.classes) if parts.test else None
 
 
 def train(
@@ -375,9 +490,13 @@ def train(
             "stays float32",
         ),
     ] = False,
+    promote: Promote = PromoteMode.GATED,
+    gate_data: GateData = None,
+    max_regression: MaxRegression = DEFAULT_MAX_REGRESSION,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress or tables")] = False,
 ) -> None:
-    """Train a classifier on DATA_DIR, evaluate it, publish it as a new version of NAME."""
+    """Train a classifier on DATA_DIR, evaluate it, publish it as a new version of NAME
+    (served once the promotion gate finds it no worse than the active version)."""
     from service.runtime.networks import RuntimeUnavailable, resolve
     from service.store.manifest import MAX_IMAGE_SIZE
 
@@ -386,6 +505,7 @@ def train(
         data_dir, name, model_root, backbone, image_size, epochs, fine_tune_epochs,
         fine_tune_layers, batch_size, max_per_class, seed, report_dir, not no_augment,
         not no_cache, views, weights, quiet, hidden_units, runtime, mixed_precision,
+        promote=promote.value, gate_data=gate_data, max_regression=max_regression,
     )  # fmt: skip
     # DataError is a ValueError; RuntimeUnavailable: a named runtime missing or failing (a
     # file it cannot run is a RejectedModel, a GraftError).
@@ -398,8 +518,21 @@ def train(
             # not after an hour of training.
             raise ValueError(f"--image-size must be 32 to {MAX_IMAGE_SIZE}, got {image_size}")
         resolve(runtime)  # before the scan: a runtime that cannot be honoured fails at once
+        _check_gate_options(options)
         result = run_train(options)
     typer.echo(json.dumps(result))
+
+
+def _check_gate_options(options: TrainOptions) -> None:
+    """Bad promotion-gate options fail before training: --max-regression out of [0, 1], a
+    --gate-data folder that is missing, empty, or holds classes the training folder lacks."""
+    from training import gate
+    from training.scan import list_classes
+
+    gate.check_max_regression(options.max_regression)
+    if options.gate_data is not None:
+        classes = gate.gate_classes(options.gate_data)
+        gate.check_classes(classes, list_classes(options.data_dir), "the training folder")
 
 
 def _check_positive(**values: int) -> None:
@@ -422,6 +555,7 @@ def run_evaluate(
 
     from service.store.layout import LABELS_FILE, MANIFEST_FILE
     from service.store.repository import ModelRepository
+    from training.error_report import write_evaluation_report
     from training.evaluate import classification_metrics, predict_saved_model
     from training.progress import Reporter
     from training.report import print_summary, write_report
@@ -443,12 +577,17 @@ def run_evaluate(
         probabilities, model_labels = predict_saved_model(
             version_dir, dataset.samples, batch_size, reporter
         )
-    if model_labels != labels:
-        raise DataError(f"{version_dir}: {LABELS_FILE} disagrees with {MANIFEST_FILE}'s labels")
-    y_true = np.array([labels.index(dataset.classes[s.label]) for s in dataset.samples])
-    metrics = classification_metrics(y_true, probabilities, labels)
-    report_dir = report_dir or _default_report_dir(name, f"v{resolved}-evaluate")
-    files = write_report(report_dir, metrics)
+        if model_labels != labels:
+            raise DataError(f"{version_dir}: {LABELS_FILE} disagrees with {MANIFEST_FILE}'s labels")
+        y_true = np.array([labels.index(dataset.classes[s.label]) for s in dataset.samples])
+        metrics = classification_metrics(y_true, probabilities, labels)
+        report_dir = report_dir or _default_report_dir(name, f"v{resolved}-evaluate")
+        files = write_report(report_dir, metrics)
+        # Inside `tmp`: the report's images are the scan's re-encodes where there are some.
+        write_evaluation_report(
+            report_dir, f"{name} v{resolved}", metrics, files, dataset, y_true, probabilities,
+            version_dir, reporter,
+        )  # fmt: skip
     print_summary(reporter.console, metrics, f"{name} v{resolved} on {data_dir}")
     return {"name": name, "version": resolved, **metrics, "report": files}
 

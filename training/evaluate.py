@@ -105,6 +105,37 @@ def predict_keras(
     return np.concatenate(out)
 
 
+def embed_keras(
+    classifier: Classifier, samples: Sequence[Sample], batch_size: int, reporter: Reporter
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled features and probabilities from the trained Keras model in one pass, through
+    the training input pipeline (when no feature cache can do it)."""
+    import keras
+    import tensorflow as tf
+
+    from training.pipeline import image_dataset
+
+    # `features` and `model` share the classifier's input: one graph, the backbone run once.
+    both = keras.Model(
+        classifier.model.inputs, [classifier.features.output, classifier.model.output]
+    )
+    forward = tf.function(lambda x: both(x, training=False), reduce_retracing=True)
+    ds = image_dataset(
+        samples,
+        classifier.image_size,
+        batch_size=batch_size,
+        num_classes=classifier.model.output_shape[-1],
+    )
+    features, probabilities = [], []
+    with reporter.task("evaluate", -(-len(samples) // batch_size)) as task:
+        for pixels, _ in ds:
+            pooled, probs = forward(pixels)
+            features.append(np.asarray(pooled, np.float32))
+            probabilities.append(np.asarray(probs, np.float32))
+            task.advance()
+    return np.concatenate(features), np.concatenate(probabilities)
+
+
 def predict_saved_model(
     version_dir: Path, samples: Sequence[Sample], batch_size: int, reporter: Reporter
 ) -> tuple[np.ndarray, list[str]]:

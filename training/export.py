@@ -20,16 +20,21 @@ import tensorflow as tf
 
 from service import __version__
 from service.store.layout import (
+    EXPLAIN_SIGNATURE,
     LABELS_FILE,
     ONNX_FILE,
     ONNX_OUTPUT,
+    OOD_FLAG_OUTPUT,
+    OOD_SCORE_OUTPUT,
     PIXELS_SIGNATURE,
     PREPROCESS_SIGNATURE,
     SERVING_SIGNATURE,
     SIGNATURES,
 )
 from service.store.manifest import Manifest, hash_tree
+from training.gradcam import GradCam
 from training.onnx_export import write_onnx
+from training.ood import OodDetector, named_outputs, with_ood
 from training.preprocess import decode_batch, resize_pixels
 
 
@@ -43,6 +48,7 @@ def export_model(
     metrics: dict[str, Any] | None = None,
     dataset_fingerprint: str | None = None,
     accelerated: bool = True,
+    ood: OodDetector | None = None,
 ) -> Path:
     """Write `model` (float32 [n, s, s, 3] pixels in [0, 255] -> softmax [n, C]) to `export_dir`.
 
@@ -53,11 +59,17 @@ def export_model(
       - serve_pixels(pixels: uint8 [n, h, w, 3]): RGB pixels of ANY size h x w (all images in
         one call share it); resized to `image_size` with the training resize.
     And `preprocess(images: string [n]) -> pixels float32 [n, s, s, 3]`, the decode + resize of
-    serving_default alone, which an accelerated runtime runs before the network.
+    serving_default alone, which an accelerated runtime runs before the network, and
+    `explain(images: string [n]) -> probabilities [n, C], heatmap float32 [n, s, s] in [0, 1]`:
+    the Grad-CAM of each image's top-1 class on the backbone's last convolutional block
+    (training.gradcam), which `POST /explain` and `graft explain` return.
     With `accelerated`, the network also goes to onnx/model.onnx (pixels -> probabilities).
+    With `ood` (training.ood), both signatures and the ONNX network also return `ood_score`
+    float32 [n] and `in_distribution` bool [n], and graft.json records the detector's `ood`.
     Also writes assets/labels.txt and a draft graft.json (name and version are set at publish).
     The folder appears complete or not at all: it is written beside `export_dir` and renamed.
     """
+    model = with_ood(model, ood) if ood is not None else model
     labels = _checked_labels(labels, model, image_size)
     export_dir = Path(export_dir)
     _refuse_non_empty(export_dir)
@@ -77,9 +89,10 @@ def export_model(
             metrics=metrics or {},
             dataset_fingerprint=dataset_fingerprint,
             framework=_framework_versions(),
-            signatures=[*SIGNATURES, PREPROCESS_SIGNATURE],
+            signatures=[*SIGNATURES, PREPROCESS_SIGNATURE, EXPLAIN_SIGNATURE],
             files=hash_tree(staging),
             accelerated=onnx,
+            ood=ood.manifest() if ood is not None else None,
         ).write(staging)
         if export_dir.exists():
             export_dir.rmdir()
@@ -92,12 +105,22 @@ def export_model(
 
 def _write_saved_model(model: keras.Model, path: Path, labels: list[str], image_size: int) -> None:
     def outputs(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
-        probabilities = tf.cast(model(pixels, training=False), tf.float32)
+        return answers(model(pixels, training=False))
+
+    def answers(model_outputs: Any) -> dict[str, tf.Tensor]:
+        """What the signatures return of what the model returns."""
+        named = named_outputs(model_outputs)
+        probabilities = tf.cast(named[ONNX_OUTPUT], tf.float32)
         best = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
+        ood = {  # with_ood models: the out-of-distribution score and flag
+            OOD_SCORE_OUTPUT: tf.cast(named[OOD_SCORE_OUTPUT], tf.float32),
+            OOD_FLAG_OUTPUT: tf.cast(named[OOD_FLAG_OUTPUT], tf.bool),
+        } if OOD_SCORE_OUTPUT in named else {}  # fmt: skip
         return {
             "probabilities": probabilities,
             "label": tf.gather(tf.constant(labels), best),
             "score": tf.reduce_max(probabilities, axis=-1),
+            **ood,
         }
 
     def serve_images(images: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -108,6 +131,12 @@ def _write_saved_model(model: keras.Model, path: Path, labels: list[str], image_
 
     def preprocess(images: tf.Tensor) -> dict[str, tf.Tensor]:
         return {"pixels": decode_batch(images, image_size)}
+
+    gradcam = GradCam.of(model)
+
+    def explain(images: tf.Tensor) -> dict[str, tf.Tensor]:
+        model_outputs, heatmap = gradcam(decode_batch(images, image_size), image_size)
+        return {**answers(model_outputs), "heatmap": heatmap}
 
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -126,6 +155,11 @@ def _write_saved_model(model: keras.Model, path: Path, labels: list[str], image_
         preprocess,
         input_signature=[tf.TensorSpec([None], tf.string, name="images")],
     )
+    archive.add_endpoint(
+        EXPLAIN_SIGNATURE,
+        explain,
+        input_signature=[tf.TensorSpec([None], tf.string, name="images")],
+    )
     archive.write_out(str(path), verbose=False)
 
 
@@ -137,7 +171,8 @@ def _checked_labels(labels: Sequence[str], model: keras.Model, image_size: int) 
         raise ValueError("labels must be a non-empty list of non-blank, single-line names")
     if len(set(labels)) != len(labels):
         raise ValueError("labels must be distinct")
-    probe = np.asarray(model(np.zeros([1, image_size, image_size, 3], np.float32), training=False))
+    outputs = model(np.zeros([1, image_size, image_size, 3], np.float32), training=False)
+    probe = np.asarray(named_outputs(outputs)[ONNX_OUTPUT])
     if probe.shape != (1, len(labels)):
         raise ValueError(
             f"the model outputs shape {probe.shape[1:]} for one image but there are "

@@ -59,6 +59,20 @@ class PhaseResult:
 
 
 Predict = Callable[[Sequence[Sample], Reporter], np.ndarray]
+# samples -> (pooled features [n, D], probabilities [n, C]) of the trained classifier
+Embed = Callable[[Sequence[Sample], Reporter], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class TrainedFeatures:
+    """The TRAINED classifier's pooled features (what its head and the exported
+    out-of-distribution score see) of every cached view of the training images, their class
+    indices, and of the validation images; computed from the cache after phase 2."""
+
+    train: np.ndarray  # [views * n, D]
+    train_labels: np.ndarray  # [views * n]
+    val: np.ndarray | None  # [n_val, D]
+    seconds: float = 0.0  # what computing them took (part of the OOD fit's cost)
 
 
 @dataclass
@@ -72,6 +86,10 @@ class FitResult:
     # The trained classifier's probabilities for more images, with the frozen part on the
     # cache's runtime; None when the frozen part itself trained (phase 2 on pixels).
     predict: Predict | None = field(default=None, repr=False)
+    # As `predict`, with the pooled features: (features, probabilities) in one pass.
+    embed: Embed | None = field(default=None, repr=False)
+    # The trained classifier's features of the cached images; None as `embed`.
+    trained: TrainedFeatures | None = field(default=None, repr=False)
 
     def training_info(self) -> dict[str, object]:
         """How the run trained, for graft.json's metrics and the command's JSON."""
@@ -386,7 +404,11 @@ def fit(
         # Without a cut, `features` holds pooled features: the head alone follows them.
         runner = features.runner if features and caches.cut is None else None
         head = _predictor(classifier, runner, classifier.head, config) if runner else None
-        return FitResult(phase1, None, *cache, head)
+        result = FitResult(phase1, None, *cache, head)
+        if features is not None and runner is not None:
+            result.embed = _embedder(classifier, runner, None, config)
+            result.trained = _trained_features(classifier, features, None, config)
+        return result
     epochs, rate = _schedule(config, 2)
     if caches.cut is None or caches.activations is None:
         phase2 = train_pixels(
@@ -401,4 +423,38 @@ def fit(
     )
     runner = activations.runner
     predict = _predictor(classifier, runner, tail, config) if runner else None
-    return FitResult(phase1, phase2, *cache, predict)
+    result = FitResult(phase1, phase2, *cache, predict)
+    if runner is not None:
+        result.embed = _embedder(classifier, runner, caches.cut[1], config)
+        result.trained = _trained_features(classifier, activations, caches.cut[1], config)
+    return result
+
+
+def _embedder(
+    classifier: Classifier, runner: FrozenRunner, top: keras.Model | None, config: FitConfig
+) -> Embed:
+    """Frozen part on `runner`, then (the top layers and) the pooling, then the head."""
+    size, batch_size = classifier.image_size, config.batch_size
+    head = batched(classifier.head, batch_size)
+    pool = batched(keras.Sequential([top, classifier.pool]), batch_size) if top else None
+
+    def embed(samples: Sequence[Sample], reporter: Reporter) -> tuple[np.ndarray, np.ndarray]:
+        outputs = runner.outputs(samples, size, batch_size, reporter)
+        pooled = pool(outputs) if pool is not None else outputs
+        return pooled, head(pooled)
+
+    return embed
+
+
+def _trained_features(
+    classifier: Classifier, cached: Cached, top: keras.Model | None, config: FitConfig
+) -> TrainedFeatures:
+    """`cached` (pooled features, or the activations entering `top`) as the trained
+    classifier's pooled features: through the (fine-tuned) top layers and the pooling."""
+    start = time.perf_counter()
+    pool = batched(keras.Sequential([top, classifier.pool]), config.batch_size) if top else None
+    views = [pool(view) if pool is not None else view for view in cached.train]
+    val = cached.val if pool is None or cached.val is None else pool(cached.val)
+    labels = np.argmax(cached.train_labels, axis=-1)
+    seconds = time.perf_counter() - start
+    return TrainedFeatures(np.concatenate(views), np.tile(labels, len(views)), val, seconds)

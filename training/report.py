@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from rich.console import Console
@@ -75,7 +76,11 @@ def plot_curves(phases: dict[str, dict[str, list[float]]], path: Path) -> Path:
     return path
 
 
-def plot_reliability(bins: dict[str, list[dict[str, float]]], path: Path) -> Path:
+def plot_reliability(
+    bins: dict[str, list[dict[str, float]]],
+    path: Path,
+    title: str = "reliability on the test split",
+) -> Path:
     """Accuracy against confidence per bin, one line per set of scores (before and after
     calibration); the diagonal is a perfectly calibrated model."""
     plt = _pyplot()
@@ -90,11 +95,40 @@ def plot_reliability(bins: dict[str, list[dict[str, float]]], path: Path) -> Pat
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.legend(loc="upper left")
-    ax.set_title("reliability on the test split")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_ood_scores(
+    scores: dict[str, list[float]], threshold: float, path: Path, method: str = ""
+) -> Path:
+    """Histograms of the out-of-distribution scores, one per split, and the threshold above
+    which an image is flagged."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    finite = [v for values in scores.values() for v in values if math.isfinite(v)]
+    edges = _bin_edges([*finite, threshold])
+    for name, values in scores.items():
+        ax.hist([v for v in values if math.isfinite(v)], bins=edges, alpha=0.55, label=name)
+    ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.4g}")
+    ax.set_xlabel(f"OOD score{f' ({method})' if method else ''}: higher = further from training")
+    ax.set_ylabel("images")
+    ax.legend(fontsize=8)
+    ax.set_title("out-of-distribution scores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _bin_edges(values: list[float], bins: int = 40) -> list[float]:
+    low, high = min(values), max(values)
+    if high <= low:
+        low, high = low - 0.5, high + 0.5
+    return [low + (high - low) * i / bins for i in range(bins + 1)]
 
 
 def write_report(

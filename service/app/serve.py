@@ -136,10 +136,13 @@ def _choose_engine(settings: GraftSettings) -> None:
         _refuse(str(exc))
     for key, value in batching_defaults(engine.device, settings.model_fields_set).items():
         setattr(settings, key, value)
-    threads = f", {engine.threads} threads per call" if engine.runtime != "tensorflow" else ""
+    accelerated = engine.runtime != "tensorflow"
+    threads = f", {engine.threads} threads per call" if accelerated else ""
+    plural = "s" if engine.decode_threads != 1 else ""
+    decoding = f"; images decoded on {engine.decode_threads} thread{plural}" if accelerated else ""
     typer.echo(
         f"graft: the network runs on {engine.runtime} ({engine.device}{threads}); batches of up "
-        f"to {settings.max_batch_size} images, {settings.batch_threads} at once",
+        f"to {settings.max_batch_size} images, {settings.batch_threads} at once{decoding}",
         err=True,
     )
 

@@ -40,7 +40,12 @@ def graft_error(err: grpc.RpcError) -> errors.GraftError:
 
 
 def _request(
-    images: Sequence[Image], model: str | None, version: int | None, top_k: int, request_id: str
+    images: Sequence[Image],
+    model: str | None,
+    version: int | None,
+    top_k: int,
+    request_id: str,
+    reject_unknown: bool | None = None,
 ) -> pb.ClassifyRequest:
     return pb.ClassifyRequest(
         model=model or "",
@@ -48,6 +53,7 @@ def _request(
         images=[read_image(image) for image in images],
         top_k=top_k,
         request_id=request_id,
+        reject_unknown=reject_unknown,
     )
 
 
@@ -74,9 +80,11 @@ class GrpcClient:
         version: int | None = None,
         top_k: int = DEFAULT_TOP_K,
         timeout_s: float | None = None,
+        reject_unknown: bool | None = None,
     ) -> schemas.ClassifyResponse:
-        """Classify encoded images (bytes or file paths) in one call."""
-        request = _request(images, model, version, top_k, "")
+        """Classify encoded images (bytes or file paths) in one call (`reject_unknown`: as
+        GraftClient.classify)."""
+        request = _request(images, model, version, top_k, "", reject_unknown)
         try:
             response = self._classifier.Classify(request, timeout=timeout_s or self._timeout_s)
         except grpc.RpcError as err:

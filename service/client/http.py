@@ -35,13 +35,18 @@ class GraftClient:
         model: str | None = None,
         version: int | None = None,
         top_k: int = DEFAULT_TOP_K,
+        reject_unknown: bool | None = None,
     ) -> ClassifyResponse:
-        """Classify encoded images (bytes or file paths) in one request, results in order."""
+        """Classify encoded images (bytes or file paths) in one request, results in order;
+        `reject_unknown` True labels the images out of distribution `unknown` (None: the
+        model's policy)."""
         files = [
             ("images", (image_name(image, i), read_image(image))) for i, image in enumerate(images)
         ]
         fields = {"model": model, "version": version, "top_k": top_k}
         data = {key: str(value) for key, value in fields.items() if value is not None}
+        if reject_unknown is not None:
+            data["reject_unknown"] = "true" if reject_unknown else "false"
         response = self._http.post("/classify", files=files, data=data)
         if response.status_code != 200:
             raise _error(response)

@@ -12,6 +12,11 @@ class Admission:
         self._max_queue = max_queue
         self._queued = 0
 
+    @property
+    def queued(self) -> int:
+        """Callers' images admitted and not answered yet."""
+        return self._queued
+
     @contextmanager
     def admitted(self, count: int) -> Iterator[None]:
         """Hold `count` places in the queue for the block; Overloaded when they are not free."""

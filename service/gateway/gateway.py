@@ -13,8 +13,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-import numpy as np
-
 from service.errors import (
     BadRequest,
     GraftError,
@@ -25,11 +23,14 @@ from service.errors import (
 )
 from service.gateway.admission import Admission
 from service.gateway.backend_calls import call_backend
+from service.gateway.canary import Route
+from service.gateway.explanations import Served, explain_response
 from service.gateway.management import Management
 from service.gateway.request_metrics import observe, record_served
-from service.gateway.results import Prediction, image_result, raise_first_error
+from service.gateway.results import Prediction, raise_first_error
+from service.gateway.trials import Trials
 from service.image_check import check_image
-from service.schemas import ClassifyResponse
+from service.schemas import ClassifyResponse, ExplainResponse
 from service.settings import GraftSettings
 from service.store.repository import validate_name
 from service.wire import InferenceBackend, InferItem, InferResult, ModelMetadata, ModelStatus
@@ -46,6 +47,10 @@ class InferenceRequest:
     version: int | None  # None: the active version
     deadline: float  # time.monotonic() instant, for the whole request, retry included
     protocol: str
+    explain: bool = False  # the heatmaps too (the version's `explain` signature)
+    client_key: str | None = None  # X-Graft-Client: keeps a client on one side of a canary
+    reject_unknown: bool = False  # out-of-distribution images answer `unknown`
+    reject_asked: bool = False  # by the request (not the policy): needs a version with the flag
 
 
 def _not_draining() -> bool:
@@ -66,6 +71,13 @@ class Gateway:
         self._status: dict[str, ModelStatus] = {}
         self._metadata: dict[tuple[str, int], ModelMetadata] = {}
         self.management = Management(backend, settings)
+        self._trials = Trials(
+            backend,
+            self.management.repository,
+            settings,
+            labels=self._labels,
+            callers_in_flight=lambda: self._admission.queued,
+        )
 
     async def refresh_status(self) -> list[ModelStatus]:
         statuses = await self._backend.status()
@@ -98,7 +110,12 @@ class Gateway:
         return status is not None and status.active_version is not None
 
     async def models(self) -> list[ModelStatus]:
-        return await self.refresh_status()
+        """Every model's state, with this worker's canary and shadow figures."""
+        statuses = await self.refresh_status()
+        return [s.model_copy(update={"traffic": self._trials.figures(s)}) for s in statuses]
+
+    async def _labels(self, model: str, version: int) -> list[str]:
+        return (await self.metadata(model, version)).labels
 
     async def metadata(self, model: str, version: int | None) -> ModelMetadata:
         name = validate_name(model)
@@ -121,18 +138,44 @@ class Gateway:
         protocol: str,
         deadline: float | None = None,
         route: str = "classify",
+        client_key: str | None = None,
+        reject_unknown: bool | None = None,
     ) -> ClassifyResponse:
         if top_k < 1:
             raise BadRequest(f"top_k must be at least 1, got {top_k}")
         prediction = await self.predict(
-            images, model=model, version=version, protocol=protocol, deadline=deadline, route=route
-        )
+            images, model=model, version=version, protocol=protocol, deadline=deadline,
+            route=route, client_key=client_key, reject_unknown=reject_unknown,
+        )  # fmt: skip
         k = min(top_k, len(prediction.labels))
         return ClassifyResponse(
             model=prediction.model,
             version=prediction.version,
-            results=[image_result(row, prediction.labels, k) for row in prediction.probabilities],
+            results=prediction.image_results(k),
         )
+
+    async def explain(
+        self,
+        images: list[bytes],
+        *,
+        model: str | None,
+        version: int | None,
+        top_k: int,
+        protocol: str,
+        deadline: float | None = None,
+        route: str = "explain",
+    ) -> ExplainResponse:
+        """Top classes and the Grad-CAM heatmap PNGs of `images`: the same checks, limits and
+        inference batches as classify, on the version's `explain` signature."""
+        if top_k < 1:
+            raise BadRequest(f"top_k must be at least 1, got {top_k}")
+        name = model or self._settings.default_model
+        with observe(protocol, route, name, version) as outcome:
+            deadline = self._deadline(deadline)
+            request = InferenceRequest(images, name, version, deadline, protocol, explain=True)
+            served = await self._served(request)
+            outcome["version"] = str(served.version)
+            return await asyncio.to_thread(explain_response, served, top_k)
 
     async def predict(
         self,
@@ -143,33 +186,87 @@ class Gateway:
         protocol: str,
         deadline: float | None = None,
         route: str = "predict",
+        client_key: str | None = None,
+        reject_unknown: bool | None = None,
     ) -> Prediction:
         """Probabilities for `images`; `deadline` (time.monotonic()) defaults to
-        GRAFT_REQUEST_TIMEOUT_S from now."""
+        GRAFT_REQUEST_TIMEOUT_S from now; `client_key` keeps a client on one side of a canary
+        (service/gateway/canary.py); `reject_unknown` (None: the model's policy) labels the
+        images out of distribution `unknown`."""
         name = model or self._settings.default_model
         with observe(protocol, route, name, version) as outcome:
-            request = InferenceRequest(images, name, version, self._deadline(deadline), protocol)
+            deadline = self._deadline(deadline)
+            request = InferenceRequest(
+                images, name, version, deadline, protocol, client_key=client_key,
+                reject_unknown=self._rejects_unknown(name, reject_unknown),
+                reject_asked=bool(reject_unknown),
+            )  # fmt: skip
             prediction = await self._predict(request)
             outcome["version"] = str(prediction.version)
             return prediction
 
     async def _predict(self, request: InferenceRequest) -> Prediction:
+        served = await self._served(request)
+        prediction = Prediction.of(
+            served.model, served.version, served.labels, served.results, request.reject_unknown
+        )
+        if request.reject_asked and prediction.in_distribution is None:
+            raise BadRequest(
+                f"reject_unknown: model {served.model!r} version {served.version} has no "
+                "out-of-distribution flag (it was trained before graft had one); retrain it "
+                "with `graft train` to get it, or send the request without reject_unknown"
+            )
+        return prediction
+
+    def _rejects_unknown(self, name: str, asked: bool | None) -> bool:
+        """The request's `reject_unknown`, else the model's policy (policy.json)."""
+        if asked is not None:
+            return asked
+        status = self._status.get(name)
+        return bool(status and status.policy and status.policy.reject_unknown)
+
+    async def _served(self, request: InferenceRequest) -> Served:
+        """The request checked, admitted and inferred: its results, all successful."""
         name = validate_name(request.model)
         self.check_image_count(len(request.images))
         images = await asyncio.to_thread(self._validated, request.images)
         checked = replace(request, images=images)
-        resolved = request.version if request.version is not None else self._active_version(name)
-        with self._admission.admitted(len(checked.images)):
-            results = await self._infer(replace(checked, version=resolved))
-            if request.version is None and any(r.error_code == ModelNotFound.code for r in results):
-                # The cached active version was swapped out twice since the last status poll.
-                await self.refresh_status()
-                results = await self._infer(replace(checked, version=self._active_version(name)))
-        raise_first_error(results)
-        served = results[0].version
-        assert served is not None  # a successful result always names its version
-        meta = await self.metadata(name, served)
-        return Prediction(name, served, meta.labels, np.stack([r.array() for r in results]))
+        status = self._status.get(name)
+        route = Route(request.version, "named")
+        if request.version is None:
+            route = self._trials.route(name, status, request.client_key)
+        sample = None
+        try:
+            with self._admission.admitted(len(checked.images)):
+                if not request.explain:
+                    sample = self._trials.sample(name, status, route, checked.images)
+                results, route = await self._routed(name, checked, route)
+            raise_first_error(results)
+            served = results[0].version
+            assert served is not None  # a successful result always names its version
+            meta = await self.metadata(name, served)
+        except BaseException:
+            if sample is not None:
+                sample.cancel()
+            raise
+        self._trials.answered(name, route, meta.labels, results, sample)
+        return Served(name, served, meta.labels, checked.images, results)
+
+    async def _routed(
+        self, name: str, request: InferenceRequest, route: Route
+    ) -> tuple[list[InferResult], Route]:
+        """Infer on `route`'s version; a canary's failure is answered by the stable version
+        (the caller named no version), and a version swapped out meanwhile by the active one."""
+        results = await self._infer(replace(request, version=route.version))
+        if self._trials.canary_failed(name, route, results):
+            route = route.to_stable()
+            results = await self._infer(replace(request, version=route.version))
+        if route.arm != "named" and any(r.error_code == ModelNotFound.code for r in results):
+            # The cached active version was swapped out twice since the last status poll.
+            await self.refresh_status()
+            route = Route(self._active_version(name), "stable")
+            results = await self._infer(replace(request, version=route.version))
+        return results, route
 
     def check_image_count(self, count: int) -> None:
         """Refuse a request of `count` images (none, or over the limit) before per-image work."""
@@ -223,6 +320,8 @@ class Gateway:
                 image=image,
                 enqueued_at=now,
                 protocol=request.protocol,
+                reject_unknown=request.reject_unknown,
+                explain=request.explain,
             )
             for image in request.images
         ]

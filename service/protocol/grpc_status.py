@@ -10,6 +10,7 @@ from typing import NoReturn, TypeVar
 import grpc
 
 from service.errors import GraftError, Overloaded
+from service.gateway.canary import CLIENT_KEY_HEADER
 from service.gateway.request_metrics import rejected
 from service.graft_v1 import ERROR_CODE_KEY
 
@@ -21,6 +22,14 @@ RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 DEADLINE_MARGIN_S = 0.05
 PROTOCOL = "grpc"
+
+
+def client_key(context: grpc.aio.ServicerContext) -> str | None:
+    """The `x-graft-client` metadata value that keeps a client on one side of a canary."""
+    for key, value in context.invocation_metadata() or ():
+        if key == CLIENT_KEY_HEADER and isinstance(value, str):
+            return value
+    return None
 
 
 def error_trailers(err: GraftError) -> tuple[tuple[str, str], ...]:

@@ -19,7 +19,9 @@ from typing import BinaryIO
 from service.errors import InsufficientStorage
 from service.push.archive import DISK_FULL, PushLimits, extract_archive, too_large
 from service.push.checks import check_contents
+from service.store.promotion import publish_candidate
 from service.store.repository import ModelRepository, validate_name
+from service.wire import Promotion
 
 ModelCheck = Callable[[Path, str], None]
 
@@ -31,8 +33,10 @@ def receive_push(
     repository: ModelRepository,
     limits: PushLimits,
     check_model: ModelCheck | None = None,
+    promotion: Promotion | None = None,
 ) -> int:
-    """Check a pushed tar.gz end to end and publish it as the next version of `name`."""
+    """Check a pushed tar.gz end to end and publish it as the next version of `name`
+    (recorded with `promotion` before it appears, when given: service/store/promotion.py)."""
     validate_name(name)
     if isinstance(source, bytes) and len(source) > limits.max_compressed_bytes:
         raise too_large(limits.max_compressed_bytes)
@@ -44,6 +48,8 @@ def receive_push(
             check_contents(export_dir)
             if check_model is not None:
                 check_model(export_dir, name)
+            if promotion is not None:
+                return publish_candidate(repository, export_dir, name, promotion)
             return repository.publish(export_dir, name)
     except OSError as error:
         if error.errno in DISK_FULL:

@@ -6,6 +6,7 @@ entry process stays light): the /dev/nvidiaN nodes the driver (or the NVIDIA con
 runtime) creates, narrowed by CUDA_VISIBLE_DEVICES as CUDA itself does.
 """
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -40,6 +41,39 @@ class Device:
 
     def __str__(self) -> str:
         return CPU if self.kind == CPU else f"{GPU}:{self.index}"
+
+
+def decode_threads_default(device: Device) -> int:
+    """GRAFT_DECODE_THREADS=auto on `device` (service.runtime.decode_pool): on a GPU every core
+    decodes while the GPU runs the network; on the CPU the network needs the same cores, and a
+    pool of 2 on 2 cores cost the same CPU per image as one `preprocess` call per batch, with
+    less throughput (BENCHMARKS.md), so 1."""
+    return usable_cores() if device.kind == GPU else 1
+
+
+def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup CPU quota (a
+    container's CPU limit, which the affinity does not show: a pod limited to 8 CPUs on a
+    64-core node sees 64)."""
+    cores = len(os.sched_getaffinity(0))
+    quota = _cpu_quota(cgroup)
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def _cpu_quota(cgroup: Path) -> float | None:
+    """CPUs' worth of quota from cgroup v2 (`cpu.max`: "max 100000" or "800000 100000") or v1
+    (`cpu/cpu.cfs_quota_us` / `cpu.cfs_period_us`, -1 for none); None without a quota."""
+    try:
+        if (v2 := cgroup / "cpu.max").is_file():
+            quota, period = v2.read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        if (v1 := cgroup / "cpu" / "cpu.cfs_quota_us").is_file():
+            quota_us = int(v1.read_text())
+            period_us = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+            return quota_us / period_us if quota_us > 0 else None
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+    return None
 
 
 def visible_gpus(dev: Path = Path("/dev"), environ: Mapping[str, str] = os.environ) -> int:

@@ -19,9 +19,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from service.errors import RejectedModel
+from service.runtime.decode_pool import DecodeSettingError, resolve_decode_threads
 from service.runtime.devices import GPU, Device, DeviceUnavailable, resolve_device
 from service.settings import GraftSettings
-from service.store.layout import ONNX_INPUT
+from service.store.layout import ONNX_INPUT, ONNX_OUTPUT
 
 TENSORFLOW = "tensorflow"
 ONNXRUNTIME = "onnxruntime"
@@ -37,31 +38,44 @@ class RuntimeUnavailable(RuntimeError):
 
 class Network(Protocol):
     runtime: str
+    output_names: tuple[str, ...]  # every output of the file
 
     def run(self, pixels: np.ndarray) -> np.ndarray:
-        """float32 [n, s, s, 3] -> the network's output, float32 [n, ...]."""
+        """float32 [n, s, s, 3] -> the network's main output, float32 [n, ...]: `probabilities`
+        where the file has it (exports with the out-of-distribution outputs have three), else
+        its only output."""
         ...
+
+    def outputs(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """float32 [n, s, s, 3] -> every output by name, in its own dtype."""
+        ...
+
+
+def _main_output(names: list[str]) -> str:
+    return ONNX_OUTPUT if ONNX_OUTPUT in names else names[0]
 
 
 @dataclass(frozen=True)
 class Engine:
     """Where versions run: `runtime` (resolved, never "auto") with `threads` per call, on
-    `device`."""
+    `device`; an accelerated version's images decoded by `decode_threads` threads."""
 
     runtime: str = TENSORFLOW
     threads: int = 1
     device: Device = field(default_factory=Device)
+    decode_threads: int = 1
 
 
 def engine_for(settings: GraftSettings) -> Engine:
-    """The engine GRAFT_RUNTIME, GRAFT_RUNTIME_THREADS and GRAFT_DEVICE ask for;
-    RuntimeUnavailable (one line, naming the setting) if it cannot be honoured here."""
+    """The engine GRAFT_RUNTIME, GRAFT_RUNTIME_THREADS, GRAFT_DEVICE and GRAFT_DECODE_THREADS
+    ask for; RuntimeUnavailable (one line, naming the setting) if it cannot be honoured here."""
     try:
         device = resolve_device(settings.device)
-    except DeviceUnavailable as exc:
+        decode_threads = resolve_decode_threads(settings.decode_threads, device)
+    except (DeviceUnavailable, DecodeSettingError) as exc:
         raise RuntimeUnavailable(str(exc)) from None
     threads = settings.runtime_threads or default_threads(settings.batch_threads)
-    return Engine(resolve(settings.runtime, device), threads, device)
+    return Engine(resolve(settings.runtime, device), threads, device, decode_threads)
 
 
 def installed(runtime: str) -> bool:
@@ -144,10 +158,17 @@ class OnnxRuntimeNetwork:
         if device.kind == GPU:
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index}))
         self._session = ort.InferenceSession(str(path), options, providers=providers)
-        self._output = self._session.get_outputs()[0].name
+        self.output_names = tuple(output.name for output in self._session.get_outputs())
+        self._output = _main_output(list(self.output_names))
 
     def run(self, pixels: np.ndarray) -> np.ndarray:
         return np.asarray(self._session.run([self._output], {ONNX_INPUT: pixels})[0], np.float32)
+
+    def outputs(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        values = self._session.run(list(self.output_names), {ONNX_INPUT: pixels})
+        return {
+            name: np.asarray(value) for name, value in zip(self.output_names, values, strict=True)
+        }
 
 
 class OpenVinoNetwork:
@@ -156,10 +177,16 @@ class OpenVinoNetwork:
     def __init__(self, ov: Any, path: Path, threads: int, device: Device) -> None:
         config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
         self._compiled = ov.Core().compile_model(str(path), "CPU", config)
+        self.output_names = tuple(port.get_any_name() for port in self._compiled.outputs)
+        self._output = self.output_names.index(_main_output(list(self.output_names)))
 
     def run(self, pixels: np.ndarray) -> np.ndarray:
         request = self._compiled.create_infer_request()  # one per call: batches run concurrently
-        return np.asarray(request.infer({ONNX_INPUT: pixels})[0], np.float32)
+        return np.asarray(request.infer({ONNX_INPUT: pixels})[self._output], np.float32)
+
+    def outputs(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        result = self._compiled.create_infer_request().infer({ONNX_INPUT: pixels})
+        return {name: np.asarray(result[i]) for i, name in enumerate(self.output_names)}
 
 
 def _importable(module: str) -> bool:

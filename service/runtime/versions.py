@@ -1,7 +1,8 @@
 """The version manager: keeps the right version of every model loaded, and swaps without a gap.
 
 A daemon thread polls the repository (versions on disk and policy.json) every
-`poll_interval_s`. When a model's wanted version (pin, else newest) is not the active one, it
+`poll_interval_s`. When a model's wanted version (pin, else the newest promoted one: the
+promotion gate's records, service/store/promotion.py) is not the active one, it
 is loaded, verified and warmed up by `LoadedModel.load` while the active version keeps serving,
 then swapped in under a lock: a batch that already took its `LoadedModel` finishes on it. The
 replaced version stays loaded as `previous`, so a request resolved just before a swap, or a
@@ -14,6 +15,12 @@ hanging load holds back no other model, and the poller stays free: a rollback to
 swaps at once even while a load is in flight. A load that finishes after its model was pinned
 to another version is dropped instead of swapped in. `start()` returns once the first loads
 are done; `stop()` joins the poller and every load thread.
+
+The policy may also name a canary and a shadow version (service/policy.py). Those are loaded
+beside the stable one, after it, in the same one-load-per-model thread, and kept as `trials`
+while the policy names them; the stable version is chosen among the other versions, so a
+canary is served only to the share of requests the gateway routes to it. A promoted canary
+is already warm: it becomes active at once.
 """
 
 import logging
@@ -26,11 +33,14 @@ from typing import Any
 
 from service import metrics
 from service.errors import GraftError, ModelNotFound, NotReady
+from service.policy import Policy
 from service.runtime.loaded_model import LoadedModel
 from service.runtime.networks import Engine
+from service.runtime.promotion_metrics import PromotionMetrics
 from service.store.load_records import LoadRecords, default_state_dir
+from service.store.promotion import promoted_versions, promotion_of, read_promotions
 from service.store.repository import ModelRepository
-from service.wire import ModelStatus, VersionState, VersionStatus
+from service.wire import ModelStatus, Promotion, VersionState, VersionStatus
 
 logger = logging.getLogger("graft.manager")
 
@@ -51,6 +61,9 @@ class _ModelState:
     failed: dict[int, str] = field(default_factory=dict)
     on_disk: list[int] = field(default_factory=list)
     pin: int | None = None
+    policy: Policy = field(default_factory=Policy)
+    trials: dict[int, LoadedModel] = field(default_factory=dict)  # canary / shadow versions
+    promotions: dict[int, Promotion] = field(default_factory=dict)  # the gate's records
 
 
 class VersionManager:
@@ -67,6 +80,7 @@ class VersionManager:
         self._repository = repository
         # FAILED survives restarts, and so does a load that killed the process (a crash loop)
         self._records = records or LoadRecords(default_state_dir(repository))
+        self._promotion_metrics = PromotionMetrics()
         self._interval = poll_interval_s
         self._loader = loader
         self._slots: dict[str, _ModelState] = {}
@@ -117,10 +131,8 @@ class VersionManager:
                 if slot.active is None:
                     raise _not_ready(name, slot)
                 return slot.active
-            for loaded in (slot.active, slot.previous):
-                if loaded is not None and loaded.version == version:
-                    return loaded
-            return _raise_not_loaded(name, version, slot)
+            loaded = _loaded(slot, version)
+            return loaded if loaded is not None else _raise_not_loaded(name, version, slot)
 
     def status(self) -> list[ModelStatus]:
         with self._lock:
@@ -138,7 +150,9 @@ class VersionManager:
         for name in self._repository.models():
             try:
                 on_disk = self._repository.versions(name)
-                pin = self._repository.pin(name)
+                policy = self._repository.policy(name)
+                # after the versions: a version's record is written before it appears
+                promotions = read_promotions(self._repository, name)
             except GraftError as exc:
                 logger.warning("skipping model %s: %s", name, exc.message)
                 continue
@@ -146,9 +160,14 @@ class VersionManager:
             failed = self._records.failures(name) if name not in self._slots else {}
             with self._lock:
                 slot = self._slots.setdefault(name, _ModelState(failed=failed))
-                slot.on_disk, slot.pin = on_disk, pin
-                wanted = _wanted(on_disk, pin, slot.failed)
+                slot.on_disk, slot.pin, slot.policy = on_disk, policy.pin, policy
+                slot.promotions = promotions
+                choices = _stable_choices(on_disk, policy)
+                promoted = promoted_versions(on_disk, promotions)
+                wanted = _wanted(choices, policy.pin, slot.failed, promoted)
                 load = self._ensure(name, slot, wanted) if wanted is not None else None
+                load = load or self._ensure_trials(name, slot)
+            self._promotion_metrics.observe(name, on_disk, promotions)
             if load is not None:
                 loads.append(load)
         return loads
@@ -175,6 +194,9 @@ class VersionManager:
         if slot.previous is not None and slot.previous.version == wanted:
             self._swap(name, slot, slot.previous)  # rollback: already warm
             return None
+        if wanted in slot.trials:
+            self._swap(name, slot, slot.trials.pop(wanted))  # a promoted canary: warm too
+            return None
         if wanted in slot.failed or slot.loading is not None or self._stop.is_set():
             return None
         slot.loading = wanted
@@ -186,6 +208,41 @@ class VersionManager:
         )
         slot.load_thread.start()
         return slot.load_thread
+
+    def _ensure_trials(self, name: str, slot: _ModelState) -> threading.Thread | None:
+        """Under the lock: keep loaded the versions the policy serves beside the stable one
+        (drop those it no longer names), starting the next missing one's load."""
+        named = [v for v in slot.policy.trial_versions() if v in slot.on_disk]
+        for version in [v for v in slot.trials if v not in named]:
+            dropped = slot.trials.pop(version)
+            if _loaded(slot, version) is None:
+                _runtime_gauge(dropped).set(0)
+        missing = [v for v in named if _loaded(slot, v) is None and v not in slot.failed]
+        if not missing or slot.loading is not None or self._stop.is_set():
+            return None
+        slot.loading = missing[0]
+        slot.load_thread = threading.Thread(
+            target=self._load_trial,
+            args=(name, slot, missing[0]),
+            name=f"graft-load-{name}",
+            daemon=True,
+        )
+        slot.load_thread.start()
+        return slot.load_thread
+
+    def _load_trial(self, name: str, slot: _ModelState, version: int) -> None:
+        """A load thread's body for a canary or shadow version: load it beside the stable one."""
+        loaded = None
+        try:
+            loaded = self._load(name, version, slot)
+        finally:
+            with self._lock:
+                slot.loading = None
+                if loaded is not None and version in slot.policy.trial_versions():
+                    slot.trials[version] = loaded
+                    _runtime_gauge(loaded).set(1)
+                    logger.info("model %s version %s loaded beside the stable one", name, version)
+            self._wake.set()
 
     def _load_and_swap(self, name: str, slot: _ModelState, version: int) -> None:
         """A load thread's body: load `version` while the active one serves, then swap."""
@@ -226,8 +283,9 @@ class VersionManager:
     def _swap(name: str, slot: _ModelState, new: LoadedModel) -> None:
         """Under the lock: `new` becomes active, the old active becomes previous."""
         if slot.active is not new:
-            if slot.previous is not None and slot.previous is not new:
-                _runtime_gauge(slot.previous).set(0)  # dropped from memory
+            dropped = slot.previous
+            if dropped is not None and dropped is not new and dropped.version not in slot.trials:
+                _runtime_gauge(dropped).set(0)  # dropped from memory
             slot.previous = slot.active
         slot.active = new
         metrics.ACTIVE_VERSION.labels(name).set(new.version)
@@ -241,16 +299,37 @@ def _runtime_gauge(model: LoadedModel) -> Any:
     )
 
 
-def _wanted(on_disk: list[int], pin: int | None, failed: dict[int, str]) -> int | None:
-    """The pinned version, else the newest one that has not failed to load."""
+def _wanted(
+    on_disk: list[int], pin: int | None, failed: dict[int, str], promoted: list[int]
+) -> int | None:
+    """The pinned version, else the newest promoted one that has not failed to load
+    (candidates and rejected versions serve only when pinned)."""
     if pin is not None:
         return pin if pin in on_disk else None
-    good = [v for v in on_disk if v not in failed]
+    good = [v for v in on_disk if v in promoted and v not in failed]
     return good[-1] if good else None
 
 
+def _stable_choices(on_disk: list[int], policy: Policy) -> list[int]:
+    """The versions that may be stable: a canary or shadow version is not, until promoted,
+    and a withdrawn canary is not either (a pin is the operator's choice and stands)."""
+    if policy.pin is not None:
+        return on_disk
+    excluded = set(policy.trial_versions()) | policy.withdrawn_versions()
+    return [v for v in on_disk if v not in excluded]
+
+
+def _loaded(slot: _ModelState, version: int) -> LoadedModel | None:
+    """The loaded model of `version` (active, previous or a trial), or None."""
+    for loaded in (slot.active, slot.previous, *slot.trials.values()):
+        if loaded is not None and loaded.version == version:
+            return loaded
+    return None
+
+
 def _status(name: str, slot: _ModelState) -> ModelStatus:
-    loaded = {m.version: m for m in (slot.active, slot.previous) if m is not None}
+    models = (*slot.trials.values(), slot.previous, slot.active)
+    loaded = {m.version: m for m in models if m is not None}
     known = sorted(set(slot.on_disk) | set(loaded) | set(slot.failed))
     versions = []
     for version in known:
@@ -264,12 +343,15 @@ def _status(name: str, slot: _ModelState) -> ModelStatus:
         else:
             state, reason = VersionState.UNLOADED, None
         versions.append(VersionStatus(version=version, state=state, reason=reason))
+    for status in versions:
+        status.promotion = promotion_of(slot.promotions, status.version)
     return ModelStatus(
         name=name,
         active_version=slot.active.version if slot.active else None,
         previous_version=slot.previous.version if slot.previous else None,
         pin=slot.pin,
         versions=versions,
+        policy=slot.policy,
     )
 
 

@@ -59,6 +59,14 @@ class Accelerated(BaseModel):
     opset: int = Field(ge=1, le=1000)
 
 
+class Ood(BaseModel):
+    """The out-of-distribution flag baked into the version's outputs (training/ood.py)."""
+
+    method: str = Field(max_length=32, description="e.g. 'mahalanobis'")
+    threshold: float = Field(allow_inf_nan=False, description="in_distribution = score <= it")
+    percentile: float = Field(gt=0, le=100, description="of the validation images' scores")
+
+
 class Manifest(BaseModel):
     """The content of graft.json. `name` and `version` stay None in an export's draft and are
     filled in by `ModelRepository.publish`."""
@@ -74,6 +82,9 @@ class Manifest(BaseModel):
     signatures: list[_Short] = Field(default_factory=lambda: list(SIGNATURES), max_length=16)
     accelerated: Accelerated | None = Field(
         None, description="Absent: the version runs on TensorFlow only (exports before 0.2)."
+    )
+    ood: Ood | None = Field(
+        None, description="Absent: the version has no out-of-distribution outputs (older)."
     )
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     files: dict[_Path, _Sha256] = Field(

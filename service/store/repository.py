@@ -31,11 +31,12 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from service.errors import BadRequest, GraftError, ModelNotFound
+from service.policy import Policy
 from service.store.durable import fsync_dir, write_durably
 from service.store.layout import MANIFEST_FILE, SAVED_MODEL_FILE
 from service.store.manifest import Manifest, ManifestError, verify_dir
@@ -89,20 +90,21 @@ class ModelRepository:
         return verify_dir(self._existing_version_dir(name, version), name=name, version=version)
 
     def pin(self, name: str) -> int | None:
+        return self.policy(name).pin
+
+    def policy(self, name: str) -> Policy:
+        """policy.json of `name` (the default policy when there is none); RepositoryError
+        when it is not a policy (hand-edited)."""
         path = self._model_dir(name) / POLICY_FILE
         try:
-            pin = json.loads(path.read_bytes())["pin"]
+            return Policy.model_validate(json.loads(path.read_bytes()))
         except FileNotFoundError:
-            return None
-        except (ValueError, KeyError, TypeError):
-            pin = "invalid"
-        if pin is None:
-            return None
-        if isinstance(pin, bool) or not isinstance(pin, int) or pin < 1:
+            return Policy()
+        except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
             raise RepositoryError(
-                f'{path} is not {{"pin": null}} or {{"pin": N}}; fix it or set the pin again'
-            )
-        return pin
+                f"{path} is not a serving policy ({str(exc).splitlines()[0][:200]}); fix it, "
+                'or set it again with PUT /models/<name>/policy (e.g. {"pin": null})'
+            ) from None
 
     def resolve(self, name: str, version: int | None = None) -> int:
         """The version a request gets: the explicit one, else the pinned one, else the newest."""
@@ -156,8 +158,19 @@ class ModelRepository:
         parent = self.root / SCRATCH_DIR
         return sorted(parent.iterdir()) if parent.is_dir() else []
 
-    def publish(self, export_dir: Path | str, name: str) -> int:
-        """Copy an export into the repository as the next version of `name`; returns it."""
+    def publish(
+        self,
+        export_dir: Path | str,
+        name: str,
+        *,
+        before_rename: Callable[[int], None] | None = None,
+    ) -> int:
+        """Copy an export into the repository as the next version of `name`; returns it.
+
+        `before_rename(version)` runs under the lock once the number is taken and before the
+        version appears (the promotion gate records a candidate there, so that no poller ever
+        sees the version without its record).
+        """
         validate_name(name)
         source = Path(export_dir)
         draft = read_export(source)
@@ -176,6 +189,8 @@ class ModelRepository:
                 # Last before the rename, so a refused export costs no number; a crash between
                 # the two skips `version`, and nothing can reuse it.
                 write_durably(model_dir / LAST_VERSION_FILE, f"{version}\n".encode())
+                if before_rename is not None:
+                    before_rename(version)
                 os.rename(staging, model_dir / str(version))
                 fsync_dir(model_dir)
             except BaseException:
@@ -195,10 +210,28 @@ class ModelRepository:
                 )
         elif not model_dir.is_dir():
             raise ModelNotFound(f"model {name!r} does not exist under {self.root}")
+        self.update_policy(name, lambda policy: policy.model_copy(update={"pin": version}))
+
+    def update_policy(self, name: str, change: Callable[[Policy], Policy | None]) -> Policy:
+        """Read, `change` and write policy.json under the model's lock, so that replicas
+        deciding at once (a canary withdrawn by two of them) never undo each other; `change`
+        returns None to leave the file as it is. Returns the policy now in force."""
+        model_dir = self._model_dir(name)
+        if not model_dir.is_dir():
+            raise ModelNotFound(f"model {name!r} does not exist under {self.root}")
         with self._locked(model_dir):
-            write_durably(model_dir / POLICY_FILE, json.dumps({"pin": version}).encode() + b"\n")
+            current = self.policy(name)
+            changed = change(current)
+            if changed is None:
+                return current
+            write_durably(model_dir / POLICY_FILE, policy_bytes(changed))
+            return changed
 
     # -- paths and locking -----------------------------------------------------------------
+
+    def model_dir(self, name: str) -> Path:
+        """The folder of `name`'s versions (ROOT/<name>, or ROOT itself in single-model mode)."""
+        return self._model_dir(name)
 
     def _model_dir(self, name: str, *, create: bool = False) -> Path:
         model_dir = self.root / validate_name(name)
@@ -235,6 +268,15 @@ class ModelRepository:
             yield
         finally:
             os.close(fd)
+
+
+def policy_bytes(policy: Policy) -> bytes:
+    """policy.json's text: the pin always, every other field only when it is not its default
+    (so a pin-only policy stays `{"pin": N}`), nested settings in full."""
+    document = policy.model_dump(mode="json")
+    defaults = Policy().model_dump(mode="json")
+    kept = {k: v for k, v in document.items() if k == "pin" or v != defaults[k]}
+    return json.dumps(kept).encode() + b"\n"
 
 
 def validate_name(name: str) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from service.errors import BadRequest, ModelNotFound, ReadOnlyRepository
+from service.policy import Policy
 from service.store.durable import fsync_dir
 from service.store.layout import MANIFEST_FILE, SAVED_MODEL_FILE
 from service.store.manifest import Manifest, verify_dir
@@ -100,10 +101,19 @@ class SingleVersionRepository(SingleModelRepository):
         self._model_dir(name)
         return None
 
+    def policy(self, name: str) -> Policy:
+        self._model_dir(name)
+        return Policy()
+
+    def update_policy(self, name: str, change: object) -> NoReturn:
+        raise self._read_only()
+
     def scratch(self) -> NoReturn:
         raise self._read_only()
 
-    def publish(self, export_dir: Path | str, name: str) -> NoReturn:
+    def publish(
+        self, export_dir: Path | str, name: str, *, before_rename: object = None
+    ) -> NoReturn:
         raise self._read_only()
 
     def set_pin(self, name: str, version: int | None) -> NoReturn:

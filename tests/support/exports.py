@@ -44,13 +44,28 @@ def make_tiny_model(classes: int, image_size: int = TINY_IMAGE_SIZE, steps: int 
     return model
 
 
+def tiny_detector(model: object, classes: int, image_size: int = TINY_IMAGE_SIZE) -> object:
+    """The out-of-distribution detector of a tiny model (training.ood, as `graft train` fits
+    it): its pooled features of generated training images, thresholded on more of them."""
+    import keras
+
+    from training.ood import fit_detector
+
+    pooled = keras.Model(model.inputs[0], model.layers[-2].output)  # the GlobalAveragePooling2D
+    train, labels = generated_images(60, classes, image_size, seed=1)
+    val, _ = generated_images(40, classes, image_size, seed=2)
+    return fit_detector(np.asarray(pooled(train)), labels, np.asarray(pooled(val)))[0]
+
+
 def make_tiny_export(
     export_dir: Path,
     labels: Sequence[str] = ("red", "green", "blue"),
     image_size: int = TINY_IMAGE_SIZE,
     metrics: dict | None = None,
+    ood: bool = False,
 ) -> Path:
-    """Train a tiny model for `labels` and export it to `export_dir` (must not exist yet)."""
+    """Train a tiny model for `labels` and export it to `export_dir` (must not exist yet);
+    with `ood`, with the out-of-distribution outputs `graft train` exports."""
     from training.export import export_model
 
     model = make_tiny_model(len(labels), image_size)
@@ -62,11 +77,15 @@ def make_tiny_export(
         backbone="tiny-cnn",
         metrics=metrics or {"accuracy": 1.0},
         dataset_fingerprint="generated",
+        ood=tiny_detector(model, len(labels), image_size) if ood else None,
     )
 
 
 def publish_tiny_model(
-    model_root: Path, name: str, labels: Sequence[str] = ("red", "green", "blue")
+    model_root: Path,
+    name: str,
+    labels: Sequence[str] = ("red", "green", "blue"),
+    ood: bool = False,
 ) -> int:
     """Export a tiny model to a scratch folder beside `model_root` and publish it as `name`."""
     import tempfile
@@ -74,7 +93,7 @@ def publish_tiny_model(
     from service.store.repository import ModelRepository
 
     with tempfile.TemporaryDirectory(dir=Path(model_root).parent) as scratch:
-        export_dir = make_tiny_export(Path(scratch) / "export", labels)
+        export_dir = make_tiny_export(Path(scratch) / "export", labels, ood=ood)
         return ModelRepository(model_root).publish(export_dir, name)
 
 
@@ -115,3 +134,15 @@ def nan_for_large_images(images: object, threshold_bytes: int = 20_000) -> objec
     large = tf.strings.length(images) > threshold_bytes
     good = tf.fill([tf.shape(images)[0], 2], 0.5)
     return tf.where(large[:, None], tf.fill(tf.shape(good), float("nan")), good)
+
+
+def constant_outputs(row: Sequence[float]) -> Callable:
+    """`outputs` for `raw_saved_model`: the same probabilities `row` for every image, a model
+    whose answers (and mean confidence) are known exactly."""
+
+    def outputs(images: object) -> object:
+        import tensorflow as tf
+
+        return tf.tile(tf.constant([list(row)], tf.float32), [tf.shape(images)[0], 1])
+
+    return outputs

@@ -9,7 +9,7 @@ import grpc
 from service.errors import GraftError
 from service.gateway import Gateway
 from service.graft_v1 import to_proto
-from service.protocol.grpc_status import PROTOCOL, deadline_of, guarded
+from service.protocol.grpc_status import PROTOCOL, client_key, deadline_of, guarded
 from service.schemas import DEFAULT_TOP_K
 from service.stubs.graft.v1 import classifier_pb2 as pb
 from service.stubs.graft.v1 import classifier_pb2_grpc as pb_grpc
@@ -42,6 +42,8 @@ class ImageClassifierServicer(pb_grpc.ImageClassifierServicer):
             protocol=PROTOCOL,
             deadline=deadline_of(context),
             route=route,
+            client_key=client_key(context),
+            reject_unknown=request.reject_unknown if request.HasField("reject_unknown") else None,
         )
         return to_proto(response, request.request_id)
 

@@ -66,6 +66,12 @@ def float_tensor(values: np.ndarray) -> tensor_pb2.TensorProto:
     )
 
 
+def bool_tensor(values: Sequence[bool]) -> tensor_pb2.TensorProto:
+    return tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_BOOL, tensor_shape=_shape_proto((len(values),)), bool_val=values
+    )
+
+
 def string_tensor(values: Sequence[str]) -> tensor_pb2.TensorProto:
     return tensor_pb2.TensorProto(
         dtype=types_pb2.DT_STRING,

@@ -18,6 +18,7 @@ from service.errors import BadRequest
 from service.gateway import Gateway, Prediction
 from service.gateway.request_metrics import observe
 from service.protocol.grpc.tensors import (
+    bool_tensor,
     encoded_images,
     examples,
     float_tensor,
@@ -25,8 +26,15 @@ from service.protocol.grpc.tensors import (
     signature_def_map,
     string_tensor,
 )
-from service.protocol.grpc_status import PROTOCOL, deadline_of, guarded, rejecting
-from service.store.layout import OUTPUTS, SERVING_SIGNATURE, SIGNATURE_INPUTS
+from service.protocol.grpc_status import PROTOCOL, client_key, deadline_of, guarded, rejecting
+from service.store.layout import (
+    OOD_FLAG_OUTPUT,
+    OOD_OUTPUTS,
+    OOD_SCORE_OUTPUT,
+    OUTPUTS,
+    SERVING_SIGNATURE,
+    SIGNATURE_INPUTS,
+)
 from service.stubs.tensorflow.core.framework import tensor_pb2
 from service.stubs.tensorflow_serving.apis import (
     classification_pb2,
@@ -77,19 +85,42 @@ def _inputs(
 
 
 def _output_names(output_filter: Sequence[str]) -> list[str]:
-    unknown = sorted(set(output_filter) - set(OUTPUTS))
+    """The outputs to answer: the filter's (checked), else all (the OOD ones where the version
+    has them)."""
+    known = (*OUTPUTS, *OOD_OUTPUTS)
+    unknown = sorted(set(output_filter) - set(known))
     if unknown:
-        raise BadRequest(f"output_filter names unknown outputs {unknown}; outputs are {OUTPUTS}")
-    return [name for name in OUTPUTS if not output_filter or name in output_filter]
+        raise BadRequest(f"output_filter names unknown outputs {unknown}; outputs are {known}")
+    return [name for name in known if not output_filter or name in output_filter]
 
 
 def _outputs(prediction: Prediction) -> dict[str, tensor_pb2.TensorProto]:
     labels, scores = prediction.top1()
-    return {
+    outputs = {
         "probabilities": float_tensor(prediction.probabilities),
         "label": string_tensor(labels),
         "score": float_tensor(np.asarray(scores)),
     }
+    ood = prediction.ood_columns()
+    if ood:  # versions trained with the out-of-distribution flag
+        outputs[OOD_SCORE_OUTPUT] = float_tensor(np.asarray(ood[OOD_SCORE_OUTPUT]))
+        outputs[OOD_FLAG_OUTPUT] = bool_tensor(ood[OOD_FLAG_OUTPUT])
+    return outputs
+
+
+def _filtered(
+    outputs: dict[str, tensor_pb2.TensorProto], output_filter: Sequence[str], prediction: Prediction
+) -> dict[str, tensor_pb2.TensorProto]:
+    """The outputs `output_filter` names (all when it names none): an OOD output named for a
+    version without the flag is an error."""
+    wanted = _output_names(output_filter)
+    missing = [name for name in wanted if name not in outputs]
+    if missing and output_filter:
+        raise BadRequest(
+            f"output_filter names {missing}, which model {prediction.model!r} version "
+            f"{prediction.version} lacks (trained before the out-of-distribution flag)"
+        )
+    return {name: outputs[name] for name in wanted if name in outputs}
 
 
 def _model_spec(name: str, version: int, signature: str = "") -> model_pb2.ModelSpec:
@@ -117,6 +148,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             protocol=PROTOCOL,
             deadline=deadline_of(context),
             route=route,
+            client_key=client_key(context),
         )
 
     async def _predict_response(
@@ -125,16 +157,15 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         with rejecting(PREDICT_ROUTE):
             version = _version(request.model_spec)
             signature = _signature(request.model_spec)
-            wanted = _output_names(request.output_filter)
+            _output_names(request.output_filter)  # refused before the images are decoded
             # PNG-encoding pixels costs CPU: never on the event loop (other requests, /livez).
             images = await asyncio.to_thread(_inputs, request, signature, self._gateway)
         prediction = await self._predict(
             images, request.model_spec.name, version, context, PREDICT_ROUTE
         )
-        outputs = _outputs(prediction)
         return predict_pb2.PredictResponse(
             model_spec=_model_spec(prediction.model, prediction.version, signature),
-            outputs={name: outputs[name] for name in wanted},
+            outputs=_filtered(_outputs(prediction), request.output_filter, prediction),
         )
 
     async def Predict(

@@ -26,13 +26,14 @@ class ClassifyJSON(BaseModel):
     model: str | None = Field(None, min_length=1)  # "" names no model: refused, not defaulted
     version: int | None = None
     top_k: int = DEFAULT_TOP_K
+    # true: images out of distribution answer `unknown`; absent: the model's policy decides
+    reject_unknown: bool | None = None
 
 
-class PinBody(BaseModel):
-    pin: int | None
-
-
-async def classify_input(request: Request) -> tuple[list[bytes], ClassifyJSON]:
+async def classify_input(
+    request: Request, route: str = "/classify"
+) -> tuple[list[bytes], ClassifyJSON]:
+    """The images and fields of a /classify (or /explain: the same body) request."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == "multipart/form-data":
         return await _multipart(request)
@@ -47,7 +48,7 @@ async def classify_input(request: Request) -> tuple[list[bytes], ClassifyJSON]:
             ) from None
         return [_b64(image.b64, i) for i, image in enumerate(parsed.images)], parsed
     raise UnsupportedMediaType(
-        f"/classify takes multipart/form-data (files in the field `images`) or "
+        f"{route} takes multipart/form-data (files in the field `images`) or "
         f"application/json, not {media_type!r}"
     )
 
@@ -70,7 +71,8 @@ async def _parse_multipart(request: Request) -> tuple[list[bytes], ClassifyJSON]
             raise BadRequest("`images` must be file parts (curl -F images=@photo.jpg)")
         images = [await part.read() for part in parts if isinstance(part, UploadFile)]
         # An empty field is a value (refused as such), not an absent one: as in JSON
-        fields = {k: form.get(k) for k in ("model", "version", "top_k") if k in form}
+        names = ("model", "version", "top_k", "reject_unknown")
+        fields = {k: form.get(k) for k in names if k in form}
     try:
         parsed = ClassifyJSON.model_validate({"images": [], **fields})
     except ValidationError as exc:

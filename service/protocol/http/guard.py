@@ -9,6 +9,7 @@
   400: which copy a server reads differs between servers, proxies and middlewares.
 - BentoML's own web page and its assets are not served (404): its page loads Google Tag Manager
   into the browser of whoever opens the service, and graft serves no page that reaches out.
+  `/` is graft's own page (service/protocol/http/pages.py), which BentoML's route never sees.
 - At most `max_concurrent_requests` requests, and request bodies of at most
   `max_body_bytes_in_flight` bytes together (by Content-Length, or the body limit when there is
   none), are served at once per entry worker; beyond, 503 with Retry-After. Probes and /metrics
@@ -45,7 +46,7 @@ from service.settings import GraftSettings
 PICKLE_MEDIA_TYPE = "application/vnd.bentoml+pickle"
 _PUSH_PATH = re.compile(r"^/models/[^/]+/versions/?$")
 _FRAMING_HEADERS = (b"content-type", b"content-length", b"transfer-encoding")
-_BENTOML_PAGE = re.compile(r"^/(|index\.html|static_content/.*|assets/.*)$")
+_BENTOML_PAGE = re.compile(r"^/(index\.html|static_content/.*|assets/.*)$")
 _NEVER_REFUSED = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
 
 

@@ -11,8 +11,10 @@ from typing import Any
 from pydantic import BaseModel
 
 from service import __version__
+from service.policy import PolicyAnswer, PolicyBody
+from service.protocol.http.pages import ASSET_ROUTE, ASSETS, PAGES
 from service.protocol.v2.openapi import GUARD_STATUSES, v2_paths
-from service.schemas import DEFAULT_TOP_K, ClassifyResponse, ErrorBody
+from service.schemas import DEFAULT_TOP_K, ClassifyResponse, ErrorBody, ExplainResponse
 from service.store.repository import NAME_PATTERN
 from service.wire import ModelStatus
 
@@ -22,12 +24,14 @@ _REF = "#/components/schemas/{model}"
 @cache
 def openapi_document() -> dict[str, Any]:
     schemas: dict[str, Any] = {}
-    for model in (ClassifyResponse, ErrorBody, ModelStatus):
+    models = (ClassifyResponse, ExplainResponse, ErrorBody, ModelStatus, PolicyBody, PolicyAnswer)
+    for model in models:
         _add_schema(schemas, model)
     return {
         "openapi": "3.1.0",
         "info": {"title": "graft", "version": __version__},
-        "paths": {**_paths(), **v2_paths()},  # + the Open Inference Protocol (protocol/v2)
+        # + the Open Inference Protocol (protocol/v2) and graft's pages (protocol/http/pages)
+        "paths": {**_paths(), **_promotion_paths(), **v2_paths(), **_page_paths()},
         "components": {
             "schemas": schemas,
             "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}},
@@ -94,6 +98,11 @@ def _paths() -> dict[str, Any]:
             "model": _NAME,
             "version": _VERSION,
             "top_k": {"type": "integer", "minimum": 1, "default": DEFAULT_TOP_K},
+            "reject_unknown": {
+                "type": "boolean",
+                "description": "true: images out of distribution answer the label `unknown` "
+                "(400 for a version trained without the flag); absent: the model's policy.",
+            },
         },
         "required": ["images"],
     }
@@ -134,6 +143,24 @@ def _paths() -> dict[str, Any]:
                 },
                 "responses": {
                     "200": _json(_ref("ClassifyResponse"), "One result per image, in order"),
+                    **_errors(400, 404, 413, 415, 500, 503, 504),
+                },
+            }
+        },
+        "/explain": {
+            "post": {
+                "summary": "Classify images and explain each top-1 class with a Grad-CAM heatmap",
+                "description": "The body of /classify. A version exported before explanations "
+                "answers 400 `explanations_unavailable`.",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "multipart/form-data": {"schema": classify_form},
+                        "application/json": {"schema": classify_json},
+                    },
+                },
+                "responses": {
+                    "200": _json(_ref("ExplainResponse"), "One explanation per image, in order"),
                     **_errors(400, 404, 413, 415, 500, 503, 504),
                 },
             }
@@ -199,7 +226,7 @@ def _paths() -> dict[str, Any]:
             "post": {
                 "summary": "Upload a new version (tar.gz of an export folder)",
                 "security": admin,
-                "parameters": [_MODEL_PARAM],
+                "parameters": [_MODEL_PARAM, _PROMOTE_PARAM],
                 "requestBody": {
                     "required": True,
                     "content": {"application/gzip": {"schema": _BINARY}},
@@ -212,24 +239,98 @@ def _paths() -> dict[str, Any]:
         },
         "/models/{name}/policy": {
             "put": {
-                "summary": 'Pin a version ({"pin": N}) or follow the newest ({"pin": null})',
+                "summary": "Set the whole policy: pin, canary, shadow (fields left out are reset)",
+                "description": "A canary or shadow version must exist, must not have FAILED (a "
+                "canary not be REJECTED either) and must not be the stable version: 400 naming "
+                "the field otherwise. A pin of a missing version is 404.",
                 "security": admin,
                 "parameters": [_MODEL_PARAM],
                 "requestBody": {
                     "required": True,
-                    **_json(
-                        {
-                            "type": "object",
-                            "properties": {"pin": {"oneOf": [_VERSION, {"type": "null"}]}},
-                            "required": ["pin"],
-                        },
-                        "The new policy",
-                    ),
+                    **_json(_ref("PolicyBody"), "The new policy"),
                 },
                 "responses": {
-                    "200": _json({"type": "object"}, "The policy now in force"),
-                    **_errors(400, 401, 403, 404, 409),
+                    "200": _json(_ref("PolicyAnswer"), "The policy now in force"),
+                    **_errors(400, 401, 403, 404, 409, 503, 504),
                 },
             }
         },
     }
+
+
+_PROMOTE_PARAM = {
+    "name": "promote",
+    "in": "query",
+    "required": False,
+    "description": "always: promoted at once; never: a candidate until a decision is recorded",
+    "schema": {"type": "string", "enum": ["always", "never"], "default": "always"},
+}
+
+
+def _promotion_paths() -> dict[str, Any]:
+    """Recording a version's promotion (the promotion gate, service/store/promotion.py)."""
+    body = {
+        "type": "object",
+        "properties": {
+            "state": {"type": "string", "enum": ["candidate", "promoted", "rejected"]},
+            "decided_by": {
+                "type": "string",
+                "enum": ["gate", "never", "operator"],
+                "default": "operator",
+            },
+            "reason": {"type": "string", "maxLength": 2000},
+            "gate": {"oneOf": [_ref("GateResult"), {"type": "null"}]},
+        },
+        "required": ["state"],
+    }
+    return {
+        "/models/{name}/versions/{version}/promotion": {
+            "put": {
+                "summary": "Promote, reject or hold a version (an operator, or graft push's gate)",
+                "security": [{"admin": []}],
+                "parameters": [_MODEL_PARAM, _VERSION_PARAM],
+                "requestBody": {"required": True, **_json(body, "The decision")},
+                "responses": {
+                    "200": _json({"type": "object"}, "The version's promotion record"),
+                    **_errors(400, 401, 403, 404, 409, 504),
+                },
+            }
+        }
+    }
+
+
+def _page_paths() -> dict[str, Any]:
+    """The web pages and the files they load: HTML, JavaScript and CSS, not JSON."""
+
+    def text(media_type: str, description: str) -> dict[str, Any]:
+        return {"description": description, "content": {media_type: {"schema": {"type": "string"}}}}
+
+    summaries = {"/": "graft's page to try a model", "/docs": "This API, in Swagger UI"}
+    pages = {
+        path: {
+            "get": {
+                "summary": summaries[path],
+                "responses": {"200": text("text/html", "The page"), **_errors()},
+            }
+        }
+        for path in PAGES
+    }
+    names = {"type": "string", "enum": sorted(ASSETS)}
+    asset = {"name": "file", "in": "path", "required": True, "schema": names}
+    pages[ASSET_ROUTE] = {
+        "get": {
+            "summary": "A file the pages load (shipped in the package)",
+            "parameters": [asset],
+            "responses": {
+                "200": {
+                    "description": "The file",
+                    "content": {
+                        media_type.split(";")[0]: {"schema": {"type": "string"}}
+                        for media_type in sorted({m for _, m in ASSETS.values()})
+                    },
+                },
+                **_errors(404),
+            },
+        }
+    }
+    return pages

@@ -1,27 +1,31 @@
-"""graft's HTTP routes: /classify, TensorFlow Serving REST, and the management API.
+"""graft's HTTP routes: /classify, /explain, TensorFlow Serving REST, the management API, the
+pages.
 
 A plain Starlette app that the entry service mounts beside BentoML's own routes (/livez,
 /readyz, /metrics). Handlers only parse and format: all the work, and every failure, comes
 from the Gateway, and a GraftError becomes `ErrorBody` JSON with the error's HTTP status.
 """
 
+import asyncio
 import logging
 import tempfile
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service.errors import BadRequest, GraftError, ModelNotFound, Overloaded, validation_message
+from service.errors import BadRequest, GraftError, ModelNotFound, Overloaded
 from service.gateway import Gateway
+from service.gateway.canary import CLIENT_KEY_HEADER
 from service.gateway.request_metrics import observe, rejected
-from service.protocol.http.bodies import PinBody, classify_input, json_body, tf_instances
+from service.policy import PolicyAnswer
+from service.protocol.http.bodies import classify_input, json_body, tf_instances
 from service.protocol.http.openapi import openapi_document
+from service.protocol.http.pages import page_routes
 from service.protocol.v2.rest import v2_routes
 from service.schemas import ErrorBody
 from service.store.repository import validate_name
@@ -35,7 +39,9 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 _SPOOL_BYTES = 8 * MiB  # larger uploads go to a temporary file, not memory
 CLASSIFY_ROUTE = "/classify"
+EXPLAIN_ROUTE = "/explain"
 PREDICT_ROUTE = "/v1/models/{name}:predict"
+PROMOTION_ROUTE = "/models/{name}/versions/{version:int}/promotion"
 
 
 def error_response(exc: GraftError) -> JSONResponse:
@@ -52,6 +58,7 @@ def build_app(get_gateway: GatewayGetter) -> Starlette:
     versioned = "/v1/models/{name}/versions/{version:int}"
     routes = [
         Route(CLASSIFY_ROUTE, api.classify, methods=["POST"]),
+        Route(EXPLAIN_ROUTE, api.explain, methods=["POST"]),
         Route(PREDICT_ROUTE, api.tf_predict, methods=["POST"]),
         Route(f"{versioned}:predict", api.tf_predict, methods=["POST"]),
         Route("/v1/models/{name}", api.tf_status, methods=["GET"]),
@@ -61,7 +68,9 @@ def build_app(get_gateway: GatewayGetter) -> Starlette:
         Route("/models", api.list_models, methods=["GET"]),
         Route("/models/{name}/policy", api.set_policy, methods=["PUT"]),
         Route("/models/{name}/versions", api.push, methods=["POST"]),
+        Route(PROMOTION_ROUTE, api.set_promotion, methods=["PUT"]),
         Route("/openapi.json", api.openapi, methods=["GET"]),
+        *page_routes(),  # graft's own pages: / and /docs (service/protocol/http/pages.py)
         *v2_routes(get_gateway),  # the Open Inference Protocol (service/protocol/v2)
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: _no_route})
@@ -106,10 +115,34 @@ class _Handlers:
                 top_k=fields.top_k,
                 protocol="http",
                 route=CLASSIFY_ROUTE,
+                client_key=request.headers.get(CLIENT_KEY_HEADER),
+                reject_unknown=fields.reject_unknown,
             )
         except GraftError as exc:
             return error_response(exc)
         return JSONResponse(response.model_dump())
+
+    async def explain(self, request: Request) -> Response:
+        """/classify's body; the answer adds each image's heatmap PNGs (base64)."""
+        gateway = self._gateway()
+        try:
+            images, fields = await classify_input(request, EXPLAIN_ROUTE)
+        except GraftError as exc:
+            return _rejected(EXPLAIN_ROUTE, exc)
+        try:
+            response = await gateway.explain(
+                images,
+                model=fields.model,
+                version=fields.version,
+                top_k=fields.top_k,
+                protocol="http",
+                route=EXPLAIN_ROUTE,
+            )
+        except GraftError as exc:
+            return error_response(exc)
+        # Megabytes of base64 PNGs for a full request: encoded off the event loop too.
+        body = await asyncio.to_thread(response.model_dump_json)
+        return Response(body, media_type="application/json")
 
     async def tf_predict(self, request: Request) -> Response:
         gateway = self._gateway()
@@ -125,16 +158,20 @@ class _Handlers:
                 version=request.path_params.get("version"),
                 protocol="http",
                 route=PREDICT_ROUTE,
+                client_key=request.headers.get(CLIENT_KEY_HEADER),
             )
         except GraftError as exc:
             return error_response(exc)
         probabilities = prediction.probabilities
         labels, scores = prediction.top1()
+        ood = prediction.ood_columns()  # the signature's extra outputs, where it has them
         if columnar:
             outputs = {"probabilities": probabilities.tolist(), "label": labels, "score": scores}
-            return JSONResponse({"outputs": outputs})
+            return JSONResponse({"outputs": {**outputs, **ood}})
         rows = zip(probabilities.tolist(), labels, scores, strict=True)
         predictions = [{"probabilities": p, "label": lb, "score": s} for p, lb, s in rows]
+        for index, row in enumerate(predictions):
+            row.update({name: values[index] for name, values in ood.items()})
         return JSONResponse({"predictions": predictions})
 
     async def tf_status(self, request: Request) -> Response:
@@ -180,15 +217,11 @@ class _Handlers:
         return await self._observed(request, "/models/{name}/policy", self._set_policy, admin=True)
 
     async def _set_policy(self, request: Request) -> Response:
+        """Pin, canary, shadow (service/policy.py); PUT replaces the whole policy."""
         name = request.path_params["name"]
-        try:
-            body = PinBody.model_validate(await json_body(request))
-        except ValidationError as exc:
-            raise BadRequest(
-                f'send {{"pin": N}} or {{"pin": null}}: {validation_message(exc)}'
-            ) from None
-        await self._gateway().management.set_pin(name, body.pin)
-        return JSONResponse({"name": name, "pin": body.pin})
+        document = await json_body(request)
+        policy = await self._gateway().management.set_policy(name, document)
+        return JSONResponse(PolicyAnswer(name=name, **dict(policy)).model_dump(mode="json"))
 
     async def push(self, request: Request) -> Response:
         return await self._observed(request, "/models/{name}/versions", self._push, admin=True)
@@ -200,8 +233,21 @@ class _Handlers:
             if upload.tell() == 0:
                 raise BadRequest("the body is empty; send a tar.gz of an export folder")
             upload.seek(0)
-            version = await self._gateway().management.push(request.path_params["name"], upload)
+            promote = request.query_params.get("promote", "always")
+            management = self._gateway().management
+            version = await management.push(request.path_params["name"], upload, promote)
         return JSONResponse({"name": request.path_params["name"], "version": version}, 201)
+
+    async def set_promotion(self, request: Request) -> Response:
+        return await self._observed(
+            request, "/models/{name}/versions/{version}/promotion", self._set_promotion, admin=True
+        )
+
+    async def _set_promotion(self, request: Request) -> Response:
+        name, version = request.path_params["name"], request.path_params["version"]
+        body = await json_body(request)
+        record = await self._gateway().management.set_promotion(name, version, body)
+        return JSONResponse({"name": name, "version": version, **record.model_dump(mode="json")})
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(openapi_document())

@@ -16,7 +16,7 @@ import grpc
 from service.errors import BadRequest
 from service.gateway import Gateway
 from service.gateway.request_metrics import observe
-from service.protocol.grpc_status import deadline_of, guarded, rejecting
+from service.protocol.grpc_status import client_key, deadline_of, guarded, rejecting
 from service.protocol.v2.models import (
     EXTENSIONS,
     SERVER_NAME,
@@ -27,6 +27,7 @@ from service.protocol.v2.models import (
     resolve,
 )
 from service.protocol.v2.tensors import (
+    BOOL,
     BYTES,
     UINT8,
     Elements,
@@ -91,6 +92,8 @@ def _response_tensor(output: OutputTensor, raw: list[bytes] | None) -> Any:
         raw.append(output.raw())
     elif output.datatype == BYTES:
         tensor.contents.bytes_contents.extend(output.values)
+    elif output.datatype == BOOL:
+        tensor.contents.bool_contents.extend(output.flat())
     else:
         tensor.contents.fp32_contents.extend(output.flat())
     return tensor
@@ -166,7 +169,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             images = await request_images(_inputs(request), self._gateway)
         prediction = await self._gateway.predict(
             images, model=model.name, version=model.version, protocol=PROTOCOL,
-            deadline=deadline_of(context), route=INFER_ROUTE,
+            deadline=deadline_of(context), route=INFER_ROUTE, client_key=client_key(context),
         )  # fmt: skip
         raw: list[bytes] | None = [] if request.raw_input_contents else None
         outputs = [_response_tensor(o, raw) for o in build_outputs(prediction, names, top_k)]

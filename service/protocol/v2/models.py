@@ -15,6 +15,7 @@ from service.gateway import Gateway
 from service.gateway.backend_calls import call_backend
 from service.protocol.decimal_text import decimal
 from service.protocol.v2.tensors import INPUTS, TensorMeta, output_metadata
+from service.store.layout import OOD_OUTPUTS, SERVING_SIGNATURE
 from service.store.repository import validate_name
 from service.wire import ModelStatus, VersionState
 
@@ -104,5 +105,11 @@ async def model_metadata(gateway: Gateway, model: ModelRef) -> ModelMeta:
         versions=[str(version) for version in model.available()],
         platform=PLATFORMS.get(metadata.runtime, metadata.runtime),
         inputs=INPUTS,
-        outputs=output_metadata(len(metadata.labels)),
+        outputs=output_metadata(len(metadata.labels), _has_ood(metadata.signatures)),
     )
+
+
+def _has_ood(signatures: dict) -> bool:
+    """Whether the version's serving_default outputs the out-of-distribution score and flag."""
+    outputs = signatures.get(SERVING_SIGNATURE, {}).get("outputs", {})
+    return all(name in outputs for name in OOD_OUTPUTS)

@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 from service.errors import BadRequest, GraftError, Overloaded, validation_message
 from service.gateway import Gateway, Prediction
+from service.gateway.canary import CLIENT_KEY_HEADER
 from service.gateway.request_metrics import observe, rejected
 from service.protocol import json_text
 from service.protocol.v2.binary import BINARY_MEDIA_TYPE, HEADER_LENGTH, BinarySection, split_body
@@ -150,7 +151,7 @@ class _Handlers:
         try:
             prediction = await gateway.predict(
                 images, model=model.name, version=model.version, protocol=PROTOCOL,
-                route=INFER_ROUTE,
+                route=INFER_ROUTE, client_key=request.headers.get(CLIENT_KEY_HEADER),
             )  # fmt: skip
         except GraftError as exc:
             return error_response(exc)

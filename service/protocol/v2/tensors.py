@@ -7,7 +7,9 @@ Inputs (exactly one per request):
 
 Outputs, in this order unless the request's `outputs` names some: `probabilities` FP32 [N, C]
 (label order), `label` BYTES [N] and `score` FP32 [N] (top-1), and with `parameters.top_k` = k
-also `top_k_label` BYTES [N, k] and `top_k_score` FP32 [N, k], most probable first.
+also `top_k_label` BYTES [N, k] and `top_k_score` FP32 [N, k], most probable first. Versions
+trained with the out-of-distribution flag also answer `ood_score` FP32 [N] and
+`in_distribution` BOOL [N] (left out for older versions, even when named).
 
 Counts and sizes are checked against the shape and the server's limits before any per-image
 work or allocation.
@@ -28,9 +30,10 @@ from service.gateway.pixels import pixel_images
 from service.gateway.results import image_result
 from service.protocol.v2.binary import deserialize_bytes, serialize_bytes
 from service.schemas import DEFAULT_TOP_K
+from service.store.layout import OOD_FLAG_OUTPUT, OOD_OUTPUTS, OOD_SCORE_OUTPUT
 
 IMAGES, PIXELS = "images", "pixels"
-BYTES, UINT8, FP32 = "BYTES", "UINT8", "FP32"
+BYTES, UINT8, FP32, BOOL = "BYTES", "UINT8", "FP32", "BOOL"
 DATATYPES = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64")
 DATATYPES += ("FP16", "FP32", "FP64", "BF16", BYTES)
 OUTPUT_DATATYPES = {
@@ -39,9 +42,11 @@ OUTPUT_DATATYPES = {
     "score": FP32,
     "top_k_label": BYTES,
     "top_k_score": FP32,
+    OOD_SCORE_OUTPUT: FP32,
+    OOD_FLAG_OUTPUT: BOOL,
 }
 TOP_K_OUTPUTS = ("top_k_label", "top_k_score")
-DEFAULT_OUTPUTS = ("probabilities", "label", "score")
+DEFAULT_OUTPUTS = ("probabilities", "label", "score", *OOD_OUTPUTS)
 MAX_DIM = 2**63 - 1  # int64, the protocol's shape type
 MAX_RANK = 8  # more dimensions than any input has: refused before the shape is echoed
 
@@ -56,11 +61,13 @@ class TensorMeta:
 INPUTS = (TensorMeta(IMAGES, BYTES, (-1,)), TensorMeta(PIXELS, UINT8, (-1, -1, -1, 3)))
 
 
-def output_metadata(classes: int) -> tuple[TensorMeta, ...]:
+def output_metadata(classes: int, ood: bool = False) -> tuple[TensorMeta, ...]:
+    """The outputs of a version with `classes` labels (`ood`: with the OOD flag)."""
     shapes = {"probabilities": (-1, classes), "top_k_label": (-1, -1), "top_k_score": (-1, -1)}
     return tuple(
         TensorMeta(name, datatype, shapes.get(name, (-1,)))
         for name, datatype in OUTPUT_DATATYPES.items()
+        if ood or name not in OOD_OUTPUTS
     )
 
 
@@ -247,9 +254,11 @@ class OutputTensor:
     name: str
     datatype: str
     shape: tuple[int, ...]
-    values: np.ndarray | list[bytes]  # FP32: float32 array; BYTES: elements, row-major
+    values: np.ndarray | list[bytes]  # FP32: float32 array; BOOL: bool array; BYTES: elements
 
     def raw(self) -> bytes:
+        if isinstance(self.values, np.ndarray) and self.datatype == BOOL:
+            return np.ascontiguousarray(self.values, dtype=bool).tobytes()  # one byte each
         if isinstance(self.values, np.ndarray):
             return np.ascontiguousarray(self.values, dtype="<f4").tobytes()
         return serialize_bytes(self.values)
@@ -290,7 +299,11 @@ def build_outputs(
     wants_top_k = any(name in TOP_K_OUTPUTS for name in names)
     # top_k_* requested without parameters.top_k: as many as /classify ranks by default.
     columns = _columns(prediction, (top_k or DEFAULT_TOP_K) if wants_top_k else None)
-    return [OutputTensor(name, OUTPUT_DATATYPES[name], *columns[name]) for name in names]
+    return [
+        OutputTensor(name, OUTPUT_DATATYPES[name], *columns[name])
+        for name in names
+        if name in columns  # the OOD outputs of a version without them
+    ]
 
 
 Column = tuple[tuple[int, ...], np.ndarray | list[bytes]]
@@ -305,6 +318,9 @@ def _columns(prediction: Prediction, top_k: int | None) -> dict[str, Column]:
         "label": ((count,), [label.encode() for label in labels]),
         "score": ((count,), np.asarray(scores, dtype=np.float32)),
     }
+    if prediction.ood_score is not None and prediction.in_distribution is not None:
+        columns[OOD_SCORE_OUTPUT] = ((count,), prediction.ood_score.astype(np.float32))
+        columns[OOD_FLAG_OUTPUT] = ((count,), prediction.in_distribution.astype(bool))
     if top_k is not None:
         k = min(top_k, len(prediction.labels))
         rows = [image_result(row, prediction.labels, k).top_k for row in probabilities]

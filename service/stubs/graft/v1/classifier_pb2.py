@@ -24,23 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'service/stubs/graft/v1/classifier.proto\x12\x08graft.v1\"u\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x07version\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x0e\n\x06images\x18\x03 \x03(\x0c\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\n\n\x08_version\"(\n\x08TopClass\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"T\n\x0bImageResult\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\'\n\x0btop_classes\x18\x03 \x03(\x0b\x32\x12.graft.v1.TopClass\"6\n\x05\x45rror\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x8e\x01\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12&\n\x07results\x18\x03 \x03(\x0b\x32\x15.graft.v1.ImageResult\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x1e\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x0f.graft.v1.Error2\xa1\x01\n\x0fImageClassifier\x12\x41\n\x08\x43lassify\x12\x19.graft.v1.ClassifyRequest\x1a\x1a.graft.v1.ClassifyResponse\x12K\n\x0e\x43lassifyStream\x12\x19.graft.v1.ClassifyRequest\x1a\x1a.graft.v1.ClassifyResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'service/stubs/graft/v1/classifier.proto\x12\x08graft.v1\"\xa5\x01\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x07version\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x0e\n\x06images\x18\x03 \x03(\x0c\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x1b\n\x0ereject_unknown\x18\x06 \x01(\x08H\x01\x88\x01\x01\x42\n\n\x08_versionB\x11\n\x0f_reject_unknown\"(\n\x08TopClass\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"\xac\x01\n\x0bImageResult\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\'\n\x0btop_classes\x18\x03 \x03(\x0b\x32\x12.graft.v1.TopClass\x12\x1c\n\x0fin_distribution\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x16\n\tood_score\x18\x05 \x01(\x02H\x01\x88\x01\x01\x42\x12\n\x10_in_distributionB\x0c\n\n_ood_score\"6\n\x05\x45rror\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x8e\x01\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12&\n\x07results\x18\x03 \x03(\x0b\x32\x15.graft.v1.ImageResult\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x1e\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x0f.graft.v1.Error2\xa1\x01\n\x0fImageClassifier\x12\x41\n\x08\x43lassify\x12\x19.graft.v1.ClassifyRequest\x1a\x1a.graft.v1.ClassifyResponse\x12K\n\x0e\x43lassifyStream\x12\x19.graft.v1.ClassifyRequest\x1a\x1a.graft.v1.ClassifyResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'service.stubs.graft.v1.classifier_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CLASSIFYREQUEST']._serialized_start=53
-  _globals['_CLASSIFYREQUEST']._serialized_end=170
-  _globals['_TOPCLASS']._serialized_start=172
-  _globals['_TOPCLASS']._serialized_end=212
-  _globals['_IMAGERESULT']._serialized_start=214
-  _globals['_IMAGERESULT']._serialized_end=298
-  _globals['_ERROR']._serialized_start=300
-  _globals['_ERROR']._serialized_end=354
-  _globals['_CLASSIFYRESPONSE']._serialized_start=357
-  _globals['_CLASSIFYRESPONSE']._serialized_end=499
-  _globals['_IMAGECLASSIFIER']._serialized_start=502
-  _globals['_IMAGECLASSIFIER']._serialized_end=663
+  _globals['_CLASSIFYREQUEST']._serialized_start=54
+  _globals['_CLASSIFYREQUEST']._serialized_end=219
+  _globals['_TOPCLASS']._serialized_start=221
+  _globals['_TOPCLASS']._serialized_end=261
+  _globals['_IMAGERESULT']._serialized_start=264
+  _globals['_IMAGERESULT']._serialized_end=436
+  _globals['_ERROR']._serialized_start=438
+  _globals['_ERROR']._serialized_end=492
+  _globals['_CLASSIFYRESPONSE']._serialized_start=495
+  _globals['_CLASSIFYRESPONSE']._serialized_end=637
+  _globals['_IMAGECLASSIFIER']._serialized_start=640
+  _globals['_IMAGECLASSIFIER']._serialized_end=801
 # @@protoc_insertion_point(module_scope)

@@ -7,18 +7,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("model", "version", "images", "top_k", "request_id")
+    __slots__ = ("model", "version", "images", "top_k", "request_id", "reject_unknown")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REJECT_UNKNOWN_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     images: _containers.RepeatedScalarFieldContainer[bytes]
     top_k: int
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., images: _Optional[_Iterable[bytes]] = ..., top_k: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    reject_unknown: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., images: _Optional[_Iterable[bytes]] = ..., top_k: _Optional[int] = ..., request_id: _Optional[str] = ..., reject_unknown: _Optional[bool] = ...) -> None: ...
 
 class TopClass(_message.Message):
     __slots__ = ("label", "score")
@@ -29,14 +31,18 @@ class TopClass(_message.Message):
     def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class ImageResult(_message.Message):
-    __slots__ = ("label", "score", "top_classes")
+    __slots__ = ("label", "score", "top_classes", "in_distribution", "ood_score")
     LABEL_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     TOP_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    IN_DISTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    OOD_SCORE_FIELD_NUMBER: _ClassVar[int]
     label: str
     score: float
     top_classes: _containers.RepeatedCompositeFieldContainer[TopClass]
-    def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ..., top_classes: _Optional[_Iterable[_Union[TopClass, _Mapping]]] = ...) -> None: ...
+    in_distribution: bool
+    ood_score: float
+    def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ..., top_classes: _Optional[_Iterable[_Union[TopClass, _Mapping]]] = ..., in_distribution: _Optional[bool] = ..., ood_score: _Optional[float] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("status", "code", "message")
