@@ -1,6 +1,6 @@
 """The caller's latency with and without shadow traffic, at N clients on /classify.
 
-    python -m bench.shadow --model-root models --model imagenet --clients 16 --rounds 2
+    python -m bench.shadow --model-root models --model imagenet  # 16 clients, 3 rounds of 30 s
 
 One graft serves a scratch repository that holds the model's version twice: v1 (the stable
 version) and v2, published as a candidate, so it serves only as the shadow. Each round
@@ -8,9 +8,10 @@ measures a closed loop of N clients (bench.loadgen, its own process) first with 
 (`{"pin": null}`), then with `{"shadow": {"version": 2, "rate": R}}`, the two interleaved so
 that a neighbour's load hits both alike. Prints one JSON document: per round and mode, the
 caller's p50/p95/p99, throughput and errors, and with the shadow the figures GET /models
-shows (images compared, dropped by reason). Shadow work runs only while at most
-GRAFT_MAX_BATCH_SIZE callers' images are in flight, so at 16 clients most samples are dropped
-(`busy`): that is the point, the caller's figures must not move.
+shows (images compared, dropped by reason). Shadow images run only while no caller's image
+waits for inference (the batcher's background lane), so at 16 clients most samples are dropped
+(`queue_full`, or `busy` at their deadline): that is the point, the caller's figures must not
+move.
 """
 
 import argparse
@@ -106,8 +107,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--version", type=int, default=1)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--rate", type=float, default=1.0, help="the shadow's sampling rate")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds per mode and round")
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--images", type=int, default=64)
     return parser.parse_args(argv)

@@ -4,7 +4,10 @@
     python -m bench.soak --model-root models --layout both            # one process, then two
     python -m bench.soak --url http://127.0.0.1:3000 --pid 1234         # a running server
 
-1. Capacity: a closed loop (`--concurrency` clients) for `--capacity-s` seconds -> req/s.
+1. Capacity: a closed loop (`--concurrency` clients) for `--capacity-s` seconds -> req/s, of
+   the soak's own mix (every `--bad-every`-th request a hostile input, the slow ones aside:
+   they hold a connection for the server's timeout, not its CPU), so that `--load` of it is
+   that fraction of what the server can do with the hostile inputs in the traffic.
 2. Primer: every hostile input once (bench/soak_inputs.py: what a client can send against
    issue 10's and issue 17's limits, over HTTP and gRPC), so that every label set a legitimate
    answer creates exists before /metrics is counted.
@@ -140,25 +143,47 @@ async def _bad(clients: Clients, case: BadCase, tally: Tally) -> None:
         tally.unexpected.append(f"{case.name}: {outcome}")
 
 
-async def capacity(url: str, photos: list[bytes], concurrency: int, seconds: float) -> float:
-    """Requests per second a closed loop of `concurrency` clients achieves (good images only)."""
-    transport = make_transport("raw", url, concurrency)
-    requests = [transport.request_bytes("/classify", *multipart({}, "images", p)) for p in photos]
+async def capacity(
+    target: Target,
+    model: str,
+    photos: list[bytes],
+    cases: list[BadCase],
+    args: argparse.Namespace,
+) -> float:
+    """Requests per second a closed loop of `args.concurrency` clients achieves on the soak's
+    mix: good requests answered 200 and hostile ones answered as they must be count, nothing
+    else (a 503 is no capacity). Slow cases are left out (see the module's docstring)."""
+    transport = make_transport("raw", target.url, args.concurrency)
+    clients = _clients(target, model)
+    fast = [case for case in cases if not case.slow]
+    requests = mixed_requests(transport, photos, fast, args.bad_every)
     done = 0
-    deadline = time.monotonic() + seconds
+    deadline = time.monotonic() + args.capacity_s
 
-    async def client(offset: int) -> None:
+    async def client() -> None:
         nonlocal done
-        index = offset
         while time.monotonic() < deadline:
-            status = (await transport.post(requests[index % len(requests)])).status
-            index += concurrency
-            done += status == 200
+            request, case = next(requests)
+            if case is None:
+                done += (await transport.post(request)).status == 200  # type: ignore[attr-defined]
+            else:
+                done += await _answered_as_expected(case, clients)
 
     started = time.monotonic()
-    await asyncio.gather(*(client(i) for i in range(concurrency)))
-    await transport.close()
+    try:
+        await asyncio.gather(*(client() for _ in range(args.concurrency)))
+    finally:
+        await transport.close()
+        await clients.close()
+        await clients.http.aclose()
     return done / (time.monotonic() - started)
+
+
+async def _answered_as_expected(case: BadCase, clients: Clients) -> bool:
+    try:
+        return await case.send(clients) in case.expected
+    except Exception:  # a client failure: no capacity (the soak itself records it as a finding)
+        return False
 
 
 def _clients(target: Target, model: str) -> Clients:
@@ -420,7 +445,7 @@ def run(args: argparse.Namespace, target: Target) -> dict[str, Any]:
     if args.rate:
         measured, rate = None, args.rate
     else:
-        measured = asyncio.run(capacity(target.url, photos, args.concurrency, args.capacity_s))
+        measured = asyncio.run(capacity(target, args.model, photos, cases, args))
         rate = args.load * measured
     livez = LivezProbe(target.url).start()
     try:

@@ -17,6 +17,11 @@ Pixels are decoded here in two rare cases only, both bounded by the pixel limit:
 - a BMP that TensorFlow decodes wrongly or not at all (palettes, 1/4/16-bit, RLE, trailing
   bytes): re-encoded the same way.
 
+Both re-encodes cost 3 bytes a pixel in the entry process (and again in the copy sent to an
+inference process), whatever the upload's size: `header_cost` says from the headers alone how
+many pixels an upload holds and how many of them `check_image` would re-encode, so that the
+gateway refuses a request over its budgets before any pixel is decoded.
+
 There is no minimum size: a 1x1 image or a 1x10000 strip is classified (the model squashes
 every image to its square input, as in training).
 """
@@ -140,6 +145,33 @@ def describe_bytes(data: bytes) -> str:
         if head.startswith(magic):
             return name
     return "plain text" if _looks_like_text(data[:512]) else f"unknown (starts {data[:8].hex(' ')})"
+
+
+@dataclass(frozen=True)
+class HeaderCost:
+    """What an upload costs, read from its header: pixels stored, pixels re-encoded."""
+
+    pixels: int  # width x height as stored
+    reencoded_pixels: int  # what `check_image` would decode and re-encode as BMP (0: none)
+
+
+def header_cost(data: bytes) -> HeaderCost:
+    """`data`'s cost from its header alone (no check, no pixel decoded). Bytes whose header
+    cannot be read cost nothing here: `check_image` then says what is wrong with them."""
+    fmt = sniff_format(data)
+    if fmt is None:
+        return HeaderCost(0, 0)
+    try:
+        with Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[fmt]]) as image:
+            pixels = image.width * image.height
+            if fmt == "jpeg" and _exif_orientation(image) in _UPRIGHT:
+                _draft(image)
+                return HeaderCost(pixels, image.width * image.height)
+            if fmt == "bmp" and not _bmp_is_native(data):
+                return HeaderCost(pixels, pixels)
+            return HeaderCost(pixels, 0)
+    except Exception:  # Pillow's zoo of parse errors (see check_image): not this function's call
+        return HeaderCost(0, 0)
 
 
 def check_image(data: bytes, *, max_pixels: int, index: int = 0) -> CheckedImage:
@@ -330,10 +362,16 @@ def _check_jpeg(data: bytes, image: Image.Image, *, where: str) -> CheckedImage:
     if orientation not in _UPRIGHT:
         return CheckedImage(data, "jpeg", image.width, image.height)
     width, height = image.size
-    image.draft(None, (_DRAFT_MIN_SIDE, _DRAFT_MIN_SIDE))
+    _draft(image)
     upright = image.transpose(_UPRIGHT[orientation])
     checked = _reencode(upright, "jpeg", reason=f"exif orientation {orientation} applied")
     return CheckedImage(checked.data, "jpeg", width, height, checked.reencoded)
+
+
+def _draft(image: Image.Image) -> None:
+    """Decode at the smallest JPEG scale that keeps both sides >= _DRAFT_MIN_SIDE (the size
+    changes at once; pixels are decoded only when read)."""
+    image.draft(None, (_DRAFT_MIN_SIDE, _DRAFT_MIN_SIDE))
 
 
 def _exif_orientation(image: Image.Image) -> int | None:

@@ -130,7 +130,8 @@ SHADOW_CONFIDENCE = Histogram(
 SHADOW_DROPPED = Counter(
     "graft_shadow_dropped_total",
     "Shadow samples never run, by reason: queue_full (GRAFT_SHADOW_QUEUE), busy (callers' "
-    "images were waiting), caller_failed, unavailable (the shadow version is not loaded).",
+    "images kept inference busy until its deadline), caller_failed, unavailable (the shadow "
+    "version is not loaded).",
     ["model", "reason"],
 )
 PROMOTION_STATE = Gauge(

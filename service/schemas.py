@@ -39,7 +39,10 @@ class ClassifyResponse(BaseModel):
 
 
 class ImageExplanation(BaseModel):
-    label: str = Field(description="Top-1 class, the one the heatmap explains.")
+    label: str = Field(
+        description="Top-1 class, the one the heatmap explains; `unknown` for an image out of "
+        "distribution when the request asks for `reject_unknown` (or the model's policy does)."
+    )
     score: float = Field(description="Top-1 probability.")
     top_k: list[TopClass] = Field(description="The k most probable classes, most probable first.")
     in_distribution: bool | None = Field(

@@ -56,6 +56,22 @@ class GraftSettings(BaseSettings):
         "number as its runtime threads (GRAFT_RUNTIME_THREADS), so on a small CPU one batch "
         "at a time with every core is the fastest at any load.",
     )
+    max_batch_pixels: int = Field(
+        40_000_000,
+        ge=1,
+        le=10_000_000_000,
+        description="Adaptive batching: a batch is closed before the image that would take its "
+        "decoded pixels over this (an image over it runs alone), bounding one batch's decode "
+        "memory (3 bytes a pixel, then the resize).",
+    )
+    heavy_image_pixels: int = Field(
+        4_000_000,
+        ge=0,
+        le=10_000_000_000,
+        description="Images of at least this many pixels are decoded in a lane of their own "
+        "(one batch at a time, on a thread of its own), so that cheap images never queue behind "
+        "them; 0 turns the lane off.",
+    )
     runtime: str = Field(
         "auto",
         max_length=32,
@@ -92,6 +108,15 @@ class GraftSettings(BaseSettings):
         ge=1,
         description="Pixels of all the images of one request together (413 beyond).",
     )
+    max_reencoded_pixels: int = Field(
+        16_000_000,
+        ge=1,
+        le=1_000_000_000,
+        description="Pixels of one request that the entry re-encodes (EXIF-rotated JPEGs, BMPs "
+        "TensorFlow cannot decode), counted from the headers before any is decoded; each costs "
+        "3 bytes in the entry (about 12 in the separate layout, with its copies to the inference "
+        "process); 413 beyond. A rotated 12 MP phone photo re-encodes 3 MP (half-scale decode).",
+    )
     request_timeout_s: float = Field(30.0, gt=0, description="Per-request deadline (504).")
     push_check_timeout_s: float = Field(
         300.0,
@@ -107,7 +132,7 @@ class GraftSettings(BaseSettings):
         le=100_000,
         description="Images of sampled requests waiting to be run on a policy's shadow version; "
         "samples beyond it are dropped (counted), never delayed: shadow work is off the request "
-        "path, and runs only while at most GRAFT_MAX_BATCH_SIZE callers' images are in flight.",
+        "path, and runs only while no caller's image waits for inference.",
     )
     grpc_max_message_bytes: int = Field(32 * MiB, ge=1)
     max_concurrent_requests: int = Field(
@@ -164,6 +189,11 @@ class GraftSettings(BaseSettings):
         ge=0,
         description="On SIGTERM, how long /readyz answers 503 before the server stops "
         "(so load balancers stop routing first); in-flight requests then finish.",
+    )
+    access_log: bool = Field(
+        False,
+        description="BentoML's access log: one line per HTTP request, written on the serving "
+        "event loop. graft_request_duration_seconds counts the same requests.",
     )
 
     @model_validator(mode="after")

@@ -31,6 +31,8 @@ class InferItem(BaseModel):
     # graft_predictions_total (the gateway sets the answer's label).
     reject_unknown: bool = False
     explain: bool = False  # also the heatmap of the top-1 class (the `explain` signature)
+    # Shadow work: runs only while no caller's image waits (service.runtime.batcher).
+    background: bool = False
 
 
 class InferResult(BaseModel):
@@ -120,10 +122,32 @@ class Promotion(BaseModel):
     """A version's promotion record (service/store/promotion.py)."""
 
     state: PromotionState
-    decided_by: Literal["gate", "always", "never", "operator", "unrecorded"]
+    # auto: a canary the server promoted after auto_promote_after_s (service/gateway/trials.py)
+    decided_by: Literal["gate", "always", "never", "operator", "auto", "unrecorded"]
     reason: str = Field(max_length=2000)
     decided_at: datetime | None = None
     gate: GateResult | None = None
+
+
+class PromotionBody(BaseModel):
+    """PUT /models/{name}/versions/{version}/promotion's body: the decision to record (the
+    server stamps `decided_at`)."""
+
+    state: PromotionState
+    decided_by: Literal["gate", "never", "operator"] = Field(
+        "operator",
+        description="operator: keeps the gate's figures already recorded; a version promoted "
+        "at once is pushed with promote=always instead",
+    )
+    reason: str = Field("", max_length=2000, description="Empty: the server words one.")
+    gate: GateResult | None = None
+
+
+class PromotionAnswer(Promotion):
+    """The promotion PUT's answer: the version's record now in force, and whose it is."""
+
+    name: str
+    version: int
 
 
 class VersionStatus(BaseModel):

@@ -29,6 +29,9 @@ from support.images import encode
 from support.server import RunningServer, running_server
 from support.trained import COLOURS, tinted_photo
 
+from bench.procs import tree
+from bench.soak_inputs import exif_rotated_tall_jpeg
+from bench.soak_watch import role_of
 from service.push.archive import pack_export
 from service.store.repository import ModelRepository
 from service.stubs.graft.v1 import classifier_pb2 as pb
@@ -438,6 +441,28 @@ def test_pickle_bodies_are_refused_on_every_route(
     assert not canary.exists()
 
 
+WRONG_METHODS = {  # (method, path) -> the methods that path takes
+    ("GET", "/classify"): {"POST"},
+    ("PUT", "/explain"): {"POST"},
+    ("DELETE", "/models/colours/policy"): {"PUT"},
+    ("GET", "/models/colours/versions/1/promotion"): {"PUT"},
+    ("POST", "/v1/models/colours/metadata"): {"GET", "HEAD"},
+    ("PUT", "/openapi.json"): {"GET", "HEAD"},
+    ("GET", "/v2/models/colours/infer"): {"POST"},
+}
+
+
+@pytest.mark.parametrize(("method", "path"), sorted(WRONG_METHODS))
+def test_a_wrong_method_is_a_405_whose_allow_header_lists_the_paths_methods(
+    http: httpx.Client, method: str, path: str
+) -> None:
+    response = http.request(method, path, headers=AUTH)
+    assert_error(response, 405)
+    allowed = {m.strip() for m in response.headers.get("allow", "").split(",")}
+    assert allowed == WRONG_METHODS[method, path], response.headers
+    assert all(m in response.json()["message"] for m in allowed)
+
+
 # -- client disconnects -------------------------------------------------------------------------
 
 
@@ -534,6 +559,40 @@ def test_images_over_the_request_pixel_budget_are_413(http: httpx.Client) -> Non
     big = encode(Image.new("RGB", (6000, 6000), (200, 30, 30)), "PNG")
     message = assert_error(upload(http, *[big] * 5), 413, "payload_too_large")
     assert "GRAFT_MAX_REQUEST_PIXELS" in message
+
+
+def _entry_worker(server: RunningServer) -> int:
+    """The pid of the BentoML worker that serves `graft` (the entry, models and all here)."""
+    root = server.process.pid
+    for process in tree(root):
+        if role_of(process, root) == "entry":
+            return process.pid
+    raise AssertionError("no entry worker under graft serve")
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def test_a_request_over_the_re_encode_budget_is_refused_before_any_decode(
+    server: RunningServer, http: httpx.Client
+) -> None:
+    """60 EXIF-rotated 300x9000 JPEGs (2.4 MB on the wire, 162 MP): each would be decoded and
+    re-encoded as an 8 MB BMP. The budgets are read from the headers first, so the entry's peak
+    RSS stays where it was; checked image by image, it re-encoded 59 of them (+470 MiB) first."""
+    tall = exif_rotated_tall_jpeg(300, 9000)
+    pid = _entry_worker(server)
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
+    before = _status_kib(pid, "VmRSS")
+    message = assert_error(upload(http, *[tall] * 60), 413, "payload_too_large")
+    assert "GRAFT_MAX_REENCODED_PIXELS" in message
+    assert _status_kib(pid, "VmHWM") - before < 64 * 1024
+    within = upload(http, *[exif_rotated_tall_jpeg(300, 8000)] * 6)  # 14.4 MP re-encoded
+    assert within.status_code == 200, within.text
+    assert len(within.json()["results"]) == 6
 
 
 def _tf_serving_call(server: RunningServer, method: str, request: object) -> grpc.RpcError:

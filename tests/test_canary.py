@@ -247,7 +247,7 @@ def test_a_canary_that_holds_is_promoted_and_becomes_the_stable_version(
         "promoted",
     )
     record = read_promotions(ModelRepository(judged_root), MODEL)[3]
-    assert record.state == PromotionState.PROMOTED
+    assert (record.state, record.decided_by) == (PromotionState.PROMOTED, "auto")
     assert "canary promoted automatically" in record.reason
     until(lambda: classify(judged).json()["version"] == 3, "v3 not stable", judged_server)
     assert model_status(judged)["active_version"] == 3

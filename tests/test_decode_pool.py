@@ -108,6 +108,15 @@ def test_a_containers_cpu_limit_caps_the_cores(tmp_path: Path) -> None:
     assert usable_cores(tmp_path) == CORES
 
 
+def test_the_network_threads_share_the_cores_a_containers_cpu_limit_allows(tmp_path: Path) -> None:
+    from service.runtime.networks import default_threads
+
+    assert default_threads(1, tmp_path) == CORES
+    (tmp_path / "cpu.max").write_text("100000 100000\n")  # one CPU, whatever the affinity
+    assert default_threads(1, tmp_path) == 1
+    assert default_threads(3, tmp_path) == 1  # never fewer than one thread a call
+
+
 @pytest.mark.parametrize("setting", ["0", "-1", "many", "1.5", "99999", "3" * 40])
 def test_bad_settings_are_refused_naming_the_setting(setting: str) -> None:
     with pytest.raises(DecodeSettingError, match=r"^GRAFT_DECODE_THREADS=.* is not a thread count"):

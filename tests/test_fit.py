@@ -49,9 +49,22 @@ def _assert_same_run(cached: dict, uncached: dict) -> None:
     assert cached["loss"][-1] < cached["loss"][0]  # it did learn something
 
 
-def _assert_same_weights(got: list[np.ndarray], want: list[np.ndarray]) -> None:
+def _assert_same_weights(
+    got: list[np.ndarray], want: list[np.ndarray], adam_steps_of: float = 0.0
+) -> None:
+    """Equal within float32 noise. With `adam_steps_of` (a learning rate), up to 0.5 % of the
+    elements may differ by up to 10 of its steps: Adam moves a weight whose gradient is almost
+    zero by about the learning rate whatever the gradient's size, so where the two paths'
+    rounding differs (AVX-512 kernels sum batches of other shapes in another order) such a
+    weight may move the other way. A path that computed something else would differ in far
+    more elements than that."""
     for a, b in zip(got, want, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        close = np.isclose(a, b, rtol=1e-4, atol=1e-5)
+        if adam_steps_of == 0.0 or close.all():
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+            continue
+        assert np.mean(~close) <= 0.005, f"{np.mean(~close):.2%} of {a.shape} differ"
+        np.testing.assert_allclose(a, b, rtol=0, atol=10 * adam_steps_of)
 
 
 def test_cached_phase1_matches_uncached_phase1(base: keras.Model, parts: Split) -> None:
@@ -121,7 +134,7 @@ def test_cached_phase2_matches_uncached_phase2(base: keras.Model, parts: Split) 
     base.trainable = False
 
     _assert_same_run(cached.history, uncached.history)
-    _assert_same_weights(classifier.model.get_weights(), cached_weights)
+    _assert_same_weights(classifier.model.get_weights(), cached_weights, adam_steps_of=1e-3)
 
 
 def test_cut_base_reproduces_the_base(base: keras.Model) -> None:

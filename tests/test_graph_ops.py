@@ -5,6 +5,7 @@ Hostile graphs are real SavedModels (tf.saved_model.save of a tf.Module) with th
 and a manifest, so that only their ops are wrong.
 """
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -176,6 +177,30 @@ def test_a_hostile_version_published_through_the_volume_fails_at_load_and_never_
     assert states[2][0] == VersionState.FAILED and "WriteFile" in states[2][1]
     assert manager.get("m").version == 1, "the good version keeps serving"
     assert not planted.exists(), "the hostile graph ran"
+
+
+def test_a_version_failed_by_the_op_check_is_logged_as_an_error_now_and_after_a_restart(
+    tmp_path: Path, export_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    repository = ModelRepository(tmp_path / "models")
+    repository.publish(export_dir, "m")
+    repository.publish(
+        raw_saved_model(tmp_path / "raw", LABELS, writes_a_file(tmp_path / "x")), "m"
+    )
+
+    def failed_logs() -> list[logging.LogRecord]:
+        messages = [(r, r.getMessage()) for r in caplog.records]
+        return [r for r, text in messages if "version 2 FAILED" in text and "WriteFile" in text]
+
+    with caplog.at_level(logging.INFO, logger="graft.manager"):
+        VersionManager(repository, poll_interval_s=60).poll_once()  # the op check fails v2
+        assert [r.levelno for r in failed_logs()] == [logging.ERROR]
+        caplog.clear()
+        restarted = VersionManager(repository, poll_interval_s=60)  # reads the load records
+        restarted.poll_once()
+        assert [r.levelno for r in failed_logs()] == [logging.ERROR], "a restart hid it"
+        assert "earlier process" in failed_logs()[0].getMessage()
+    assert restarted.get("m").version == 1
 
 
 def test_refusals_name_unknown_ops_and_misplaced_checkpoint_ops() -> None:

@@ -10,10 +10,12 @@ the new worker's batch counter moves and it is killed again. A request that take
 down must not be replayed into every restarted inference worker.
 """
 
+import gc
 import io
 import os
 import re
 import time
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -33,9 +35,11 @@ from support.server import (
     wait_for_images_in_flight,
 )
 
+from service.app.heap import FrozenHeap
 from service.store.repository import ModelRepository
 from service.stubs.graft.v1 import classifier_pb2 as pb
 from service.stubs.graft.v1 import classifier_pb2_grpc as pb_grpc
+from service.wire import ModelStatus, VersionState, VersionStatus
 
 POISON_BYTES = 20_000
 READY_TIMEOUT_S = 180
@@ -67,8 +71,9 @@ def one_process(model_root: Path) -> Iterator[RunningServer]:
 
 @pytest.fixture(scope="module")
 def two_process(model_root: Path) -> Iterator[RunningServer]:
-    # The poison request's deadline must outlast two restarts of the inference worker.
-    env = {"GRAFT_REQUEST_TIMEOUT_S": "600"}
+    # The poison request's deadline must outlast two restarts of the inference worker; the
+    # access log is on here, off in `one_process` (the default).
+    env = {"GRAFT_REQUEST_TIMEOUT_S": "600", "GRAFT_ACCESS_LOG": "true"}
     with running_server(model_root, default_model="colours", workers=2, env=env) as server:
         yield server
 
@@ -219,6 +224,66 @@ def test_a_request_that_kills_the_inference_process_is_sent_at_most_twice(
         assert "not sent again" in response.json()["message"]
     assert batches_started(two_process) <= delivered + 2  # never a third delivery
     wait_until_serving(two_process)
+
+
+# -- the access log, the frozen heap ----------------------------------------------------------
+
+ACCESS_LINE = re.compile(r"\(scheme=http,method=POST,path=/classify[^)]*\) \(status=200")
+
+
+@pytest.mark.parametrize(("layout", "logged"), [("one_process", False), ("two_process", True)])
+def test_the_access_log_is_written_only_when_asked_for(
+    request: pytest.FixtureRequest, layout: str, logged: bool
+) -> None:
+    server: RunningServer = request.getfixturevalue(layout)
+    assert classify(server, red()).status_code == 200
+    # The line is written after the answer is sent. One worker serves one_process: once a
+    # later request is answered, its event loop is past that point.
+    assert httpx.get(f"{server.http}/livez", timeout=30).status_code == 200
+    deadline = time.monotonic() + (30 if logged else 0)
+    while not ACCESS_LINE.search(server.log.read_text(errors="replace")):
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    assert bool(ACCESS_LINE.search(server.log.read_text(errors="replace"))) is logged
+
+
+class _Version:
+    """Stands for a loaded version's objects: tracked by the collector, can hold a cycle."""
+
+    me: object = None
+
+
+def _frozen(thing: object) -> bool:
+    return not any(o is thing for o in gc.get_objects())
+
+
+def _available(*versions: int) -> list[ModelStatus]:
+    states = [VersionStatus(version=v, state=VersionState.AVAILABLE) for v in versions]
+    return [ModelStatus(name="m", active_version=max(versions), previous_version=None,
+                        pin=None, versions=states)]  # fmt: skip
+
+
+def test_the_heap_is_frozen_with_the_loaded_versions_and_refrozen_when_they_change() -> None:
+    """A generation-2 collection walks what is not frozen; an unloaded version's cycles must
+    still be collected, or a hot swap would keep its memory for ever."""
+    heap = FrozenHeap()
+    try:
+        heap.track([])  # still loading: nothing to freeze yet
+        first = _Version()
+        first.me = first  # a cycle: only the collector frees it
+        unloaded = weakref.ref(first)
+        heap.track(_available(1))
+        assert _frozen(first)
+        del first
+        later = _Version()
+        heap.track(_available(1))  # the same versions: nothing collected or frozen again
+        assert not _frozen(later) and unloaded() is not None
+        heap.track(_available(2))  # version 1 unloaded: collected, the rest frozen again
+        assert unloaded() is None, "the unloaded version's cycle was kept"
+        assert _frozen(later)
+    finally:
+        gc.unfreeze()
 
 
 # -- BentoML's tracing ------------------------------------------------------------------------

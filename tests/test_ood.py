@@ -19,6 +19,7 @@ from support.server import running_server
 
 from training.ood import (
     MAHALANOBIS,
+    conformal_quantile,
     fit_detector,
     scores,
     shrunk_covariance,
@@ -64,6 +65,35 @@ def test_the_score_is_the_mahalanobis_distance_to_the_nearest_class_mean() -> No
     points = train[:7] + np.random.default_rng(4).normal(0, 3, (7, 5))
     expected = [min((p - m) @ inverse @ (p - m) for m in means) / 5 for p in points]
     np.testing.assert_allclose(scores(detector.layer, points), expected, rtol=1e-4)
+
+
+def test_the_threshold_is_the_conformal_percentile_of_the_validation_scores() -> None:
+    # 255 scores: rank ceil(256 * 0.99) = 254, the second highest (np.percentile's linear
+    # interpolation sits between the 3rd and 4th highest); 50 scores: past n, the highest.
+    values = np.random.default_rng(8).permutation(np.arange(255, dtype=np.float64))
+    assert conformal_quantile(values, 99.0) == 253.0
+    assert np.percentile(values, 99.0) < 252.0
+    assert conformal_quantile(values[:50], 99.0) == values[:50].max()
+    assert conformal_quantile(values, 50.0) == 127.0  # rank 128 of 0..254
+
+
+def test_a_new_point_like_the_validation_ones_is_flagged_at_most_one_time_in_a_hundred() -> None:
+    # The guarantee holds on average over validation draws: many small ones, one fit.
+    train, labels = _clusters(3000, seed=10, width=8)
+    layer = fit_detector(train, labels, train[:10])[0].layer
+    pool = scores(layer, _clusters(200_000, seed=11, width=8)[0])
+    rng = np.random.default_rng(12)
+    rates = []
+    for _ in range(400):
+        draw = rng.choice(len(pool), 255 + 100, replace=False)
+        threshold = conformal_quantile(pool[draw[:255]], 99.0)
+        rates.append(np.mean(pool[draw[255:]] > threshold))
+    assert np.mean(rates) <= 0.01
+    interpolated = [  # fresh draws thresholded at np.percentile flag more
+        np.mean(pool[d[255:]] > np.percentile(pool[d[:255]], 99.0))
+        for d in (rng.choice(len(pool), 355, replace=False) for _ in range(400))
+    ]
+    assert np.mean(interpolated) > np.mean(rates)
 
 
 def _white() -> bytes:

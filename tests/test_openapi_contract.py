@@ -18,8 +18,10 @@ import pytest
 from starlette.routing import Route
 from support.server import RunningServer, running_server
 
+from service.policy import PolicyAnswer, PolicyBody
 from service.protocol.http.openapi import openapi_document
 from service.protocol.http.routes import build_app
+from service.wire import PromotionAnswer, PromotionBody
 
 pytestmark = pytest.mark.slow
 TESTS = Path(__file__).resolve().parent
@@ -50,6 +52,27 @@ def test_every_route_is_documented_with_its_methods() -> None:
         (path, method) for path, item in openapi_document()["paths"].items() for method in item
     }
     assert served == documented
+
+
+MANAGEMENT_BODIES = {  # route -> the models of its request body and of its 200 answer
+    "/models/{name}/policy": (PolicyBody, PolicyAnswer),
+    "/models/{name}/versions/{version}/promotion": (PromotionBody, PromotionAnswer),
+}
+
+
+@pytest.mark.parametrize("path", sorted(MANAGEMENT_BODIES))
+def test_the_management_bodies_are_the_models_the_server_parses_and_answers(path: str) -> None:
+    document = openapi_document()
+    operation = document["paths"][path]["put"]
+    documented = [
+        operation["requestBody"]["content"]["application/json"]["schema"],
+        operation["responses"]["200"]["content"]["application/json"]["schema"],
+    ]
+    for schema, model in zip(documented, MANAGEMENT_BODIES[path], strict=True):
+        assert schema == {"$ref": f"#/components/schemas/{model.__name__}"}, path
+        expected = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        expected.pop("$defs", None)
+        assert document["components"]["schemas"][model.__name__] == expected
 
 
 def test_schemathesis_finds_nothing(server: RunningServer, tmp_path: Path) -> None:

@@ -237,19 +237,21 @@ def test_graft_serve_refuses_a_runtime_it_cannot_honour(tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir())  # refused before the default model was installed
 
 
+def _export_without_onnx(folder: Path) -> Path:
+    """A tiny export as graft made them before the accelerated file."""
+    from training.export import export_model
+
+    labels = ["a", "b", "c"]
+    model = make_tiny_model(3)
+    return export_model(
+        model, folder, labels=labels, image_size=32, backbone="tiny-cnn", accelerated=False
+    )
+
+
 def test_export_onnx_adds_the_network_to_an_older_version_as_a_new_version(
     tmp_path: Path,
 ) -> None:
-    from training.export import export_model
-
-    export = export_model(
-        make_tiny_model(3),
-        tmp_path / "export",
-        labels=["a", "b", "c"],
-        image_size=32,
-        backbone="tiny-cnn",
-        accelerated=False,
-    )
+    export = _export_without_onnx(tmp_path / "export")
     repository = ModelRepository(tmp_path / "models")
     repository.publish(export, "old")
     before = sorted(hash_tree(repository.version_dir("old", 1)).items())
@@ -267,3 +269,28 @@ def test_export_onnx_adds_the_network_to_an_older_version_as_a_new_version(
 
     with pytest.raises(CannotAccelerate, match=r"old v2 already has onnx/model\.onnx; serve it"):
         export_onnx(repository, "old", 2)
+
+
+def test_export_onnx_of_a_rejected_version_publishes_a_rejected_copy(tmp_path: Path) -> None:
+    from service.store.promotion import publish_candidate, read_promotions, stable_version
+    from service.wire import GateFigures, GateResult, Promotion, PromotionState
+
+    export = _export_without_onnx(tmp_path / "export")
+    repository = ModelRepository(tmp_path / "models")
+    repository.publish(export, "m")  # v1: before the gate, promoted
+    figures = GateFigures(accuracy=0.4, macro_f1=0.3)
+    gate = GateResult(
+        source="test split", images=18, chance=0.34, max_regression=0.01,
+        candidate=figures, active=GateFigures(version=1, accuracy=1.0, macro_f1=1.0),
+    )  # fmt: skip
+    rejected = Promotion(
+        state=PromotionState.REJECTED, decided_by="gate", reason="worse than v1", gate=gate
+    )
+    publish_candidate(repository, export, "m", rejected)  # v2
+    result = run_graft("export-onnx", "m", "2", "--model-root", str(repository.root))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "3"
+    copy = read_promotions(repository, "m")[3]
+    assert (copy.state, copy.decided_by, copy.gate) == (PromotionState.REJECTED, "gate", gate)
+    assert copy.reason.startswith("worse than v1") and "inherited from v2" in copy.reason
+    assert stable_version(repository, "m") == 1  # the rejected network's copy does not serve

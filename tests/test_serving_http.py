@@ -30,7 +30,9 @@ def model_root(tmp_path_factory, colour_model_root, imagenet_model_root) -> Path
 
 @pytest.fixture(scope="module")
 def server(model_root):
-    with running_server(model_root, default_model=MODEL, workers=2) as running:
+    # The access log shows which entry worker served each request (it is off by default).
+    env = {"GRAFT_ACCESS_LOG": "true"}
+    with running_server(model_root, default_model=MODEL, workers=2, env=env) as running:
         yield running
 
 

@@ -66,6 +66,11 @@ def test_bentoml_never_cuts_a_push_check_or_a_request_short() -> None:
         ("GRAFT_BATCH_THREADS", "two"),
         ("GRAFT_BATCH_TIMEOUT_MS", "-1"),
         ("GRAFT_MAX_BATCH_SIZE", "0"),
+        ("GRAFT_MAX_BATCH_PIXELS", "0"),
+        ("GRAFT_MAX_BATCH_PIXELS", "1e12"),
+        ("GRAFT_HEAVY_IMAGE_PIXELS", "-1"),
+        ("GRAFT_HEAVY_IMAGE_PIXELS", "many"),
+        ("GRAFT_MAX_REENCODED_PIXELS", "0"),
     ],
 )
 def test_batching_settings_out_of_range_are_refused_naming_the_setting(

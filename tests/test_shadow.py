@@ -1,8 +1,10 @@
 """Shadow traffic on a real `graft serve`: a candidate that breaks on real images is run beside
-the stable version on every request, and no caller ever sees it; under overload (a paused
-inference worker holding the callers' requests) shadow samples are dropped first, counted,
-and never take a caller's place. Agreement and both mean confidences are in GET /models and
-/metrics. The tests share one server and run in file order.
+the stable version on every request, and no caller ever sees it; shadow images never share an
+inference batch with callers' images (the batcher's background lane: tests/test_batcher.py
+holds its order); under overload (a paused inference worker holding the callers' requests)
+shadow samples are dropped first, counted, and never take a caller's place. Agreement and
+both mean confidences are in GET /models and /metrics. The tests share one server and run in
+file order.
 """
 
 from collections.abc import Iterator
@@ -72,6 +74,17 @@ def _settled(http: httpx.Client, count: int) -> dict | None:
     return figures if _accounted(figures) == count else None
 
 
+def _shadow_batches(http: httpx.Client) -> dict[str, float]:
+    """graft_inference_batches_total of the batches that held shadow images, by protocols:
+    "shadow" alone, or mixed with callers' ("http+shadow")."""
+    found = {}
+    for line in http.get("/metrics").text.splitlines():
+        series, _, value = line.rpartition(" ")
+        if series.startswith("graft_inference_batches_total{") and "shadow" in series:
+            found[series.split('protocols="')[1].split('"')[0]] = float(value)
+    return found
+
+
 def _accounted(figures: dict) -> int:
     """Shadow samples (of one image each here) whose fate is known."""
     return figures["compared"] + figures["errors"] + sum(figures["dropped"].values())
@@ -97,6 +110,8 @@ def test_a_broken_shadow_never_adds_an_error_and_is_compared_on_every_request(
     assert metric(http, "graft_shadow_comparisons_total", outcome="error", version="2") == 10
     shadow_sum = metric(http, "graft_shadow_confidence_sum", role="shadow", version="2")
     assert shadow_sum == pytest.approx(5.0)
+    # Each sample in a batch of its own, even when the next caller's image came at once.
+    assert _shadow_batches(http) == {"shadow": 20}
     assert http.get("/readyz").status_code == 200
 
 
@@ -120,9 +135,10 @@ def test_under_overload_shadow_samples_are_dropped_first_and_callers_keep_their_
     after = until(lambda: _settled(http, settled), "shadow samples unaccounted", server)
     assert after["dropped"]["queue_full"] == BURST - QUEUE
     ran = after["compared"] - before["compared"]
-    busy = after["dropped"].get("busy", 0)
-    assert ran + busy == QUEUE, after  # each queued sample ran, or was dropped as callers came
+    assert ran == QUEUE, after  # the queued samples waited for the callers' batch, then ran
+    assert "busy" not in after["dropped"], after
     assert after["errors"] == before["errors"], "small images: the shadow answers them all"
+    assert set(_shadow_batches(http)) == {"shadow"}, "shadow images shared a caller's batch"
     assert http.get("/readyz").status_code == 200
 
 

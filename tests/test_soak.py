@@ -116,19 +116,23 @@ def test_a_short_soak_sends_every_hostile_input_and_passes(
     tmp_path: Path, colour_model_root: Path
 ) -> None:
     """Against a real `graft serve` (HTTP, gRPC, an admin token): every input at least once,
-    each answered as it must be, /livez probed throughout, memory recorded per process. The
-    machine is shared, so the /livez bound here is loose; the real soak holds it to 1 s."""
+    each answered as it must be, /livez probed throughout, memory recorded per process, the
+    rate a fraction of the capacity measured with the hostile inputs in the mix. The machine is
+    shared, so the /livez bound here is loose; the real soak holds it to 1 s."""
     root = tmp_path / "models"
     shutil.copytree(colour_model_root, root)
     out = tmp_path / "soak.json"
     argv = [
-        "--model-root", str(root), "--model", "colours", "--rate", "4", "--duration-s", "6",
+        "--model-root", str(root), "--model", "colours", "--capacity-s", "3", "--load", "0.3",
+        "--duration-s", "6",
         "--bad-every", "2", "--worst-burst", "1", "--header-timeout-s", "2",
         "--body-timeout-s", "3", "--livez-limit-s", "10", "--out", str(out),
     ]  # fmt: skip
     code = soak.main(argv)
     result = json.loads(out.read_text())["layouts"]["one"]
     assert code == 0 and result["passed"], json.dumps(result["checks"] | result["unexpected"])
+    assert result["capacity_rps"] > 0
+    assert result["rate_rps"] == pytest.approx(0.3 * result["capacity_rps"])
     sent = result["bad_outcomes"]
     for kind in result["bad_kinds"]:
         assert set(sent[kind["name"]]) <= set(kind["expected"]), kind["name"]
@@ -137,3 +141,13 @@ def test_a_short_soak_sends_every_hostile_input_and_passes(
     assert result["metrics"]["growth"] <= 16 and not result["metrics"]["made_up"]
     entry = result["memory_mib"]["entry"]  # the one process: HTTP, gRPC and the models
     assert entry["hwm_end"] >= entry["rss_peak"] > 0 and entry["pss_peak"] > 0
+
+
+def test_soak_one_sizes_the_heavy_cases_by_default_and_refuses_unknown_names() -> None:
+    from bench.soak_one import chosen
+
+    cases = bad_cases(PHOTO, token="t" * 32, grpc_on=True)
+    assert chosen(cases, None) == [case for case in cases if case.heavy]
+    assert [case.name for case in chosen(cases, ["zero bytes"])] == ["zero bytes"]
+    with pytest.raises(SystemExit, match="no such case"):
+        chosen(cases, ["no such input"])

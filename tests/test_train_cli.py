@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from training_images import make_dataset
+from training_images import SHAPES, make_dataset
 from typer.testing import CliRunner, Result
 
 from graft_cli import app
@@ -73,7 +73,7 @@ def test_train_refuses_bad_folders_in_one_line(kind: str, fragment: str, tmp_pat
         (["--name", "Bad Name"], "invalid model name"),
         (["--name", "m", "--backbone", "vgg99"], "unknown backbone"),
         (["--name", "m", "--epochs", "0"], "--epochs must be at least 1"),
-        (["--name", "m", "--runtime", "tpu"], "'tpu' is not a runtime"),
+        (["--name", "m", "--runtime", "tpu"], "--runtime='tpu' is not a runtime"),
         (["--name", "m", "--image-size", "30000"], "--image-size must be 32 to 1024, got 30000"),
         (["--name", "m", "--image-size", "16"], "--image-size must be 32 to 1024, got 16"),
     ],
@@ -218,6 +218,29 @@ def test_evaluate_refuses_unknown_classes_and_versions(trained: tuple[Path, Path
     _assert_one_line_error(result, "hexagon")
     result = _graft("evaluate", other, "--name", "shapes", "--model-root", root, "--version", "7")
     assert result.exit_code == 1 and result.stderr.startswith("error: ")
+
+
+def test_evaluate_defaults_to_the_served_version_not_the_newest(tmp_path: Path) -> None:
+    from support.exports import make_tiny_export
+
+    from service.store.promotion import publish_candidate
+    from service.wire import Promotion, PromotionState
+
+    data = make_dataset(tmp_path / "data", per_class=2)
+    export = make_tiny_export(tmp_path / "export", labels=tuple(SHAPES))
+    repository = ModelRepository(tmp_path / "models")
+    repository.publish(export, "shapes")  # v1: promoted, served
+    rejected = Promotion(state=PromotionState.REJECTED, decided_by="gate", reason="worse")
+    publish_candidate(repository, export, "shapes", rejected)  # v2: newest, never served
+
+    def evaluated() -> int:
+        result = _graft("evaluate", data, "--name", "shapes", "--model-root", repository.root)
+        return _last_json(result)["version"]
+
+    assert evaluated() == 1
+    repository.set_pin("shapes", 2)  # a pin serves v2: evaluated by default too
+    assert evaluated() == 2
+    assert "promoted" in _graft("evaluate", "--help").stdout
 
 
 def test_mixed_precision_trains_in_float16_and_exports_float32(tmp_path: Path) -> None:

@@ -22,7 +22,13 @@ from support.bad_images import (
 from support.images import encode
 
 from service.errors import GraftError, ImageTooLarge, InvalidImage, UnsupportedMediaType
-from service.image_check import CheckedImage, check_image, describe_bytes, sniff_format
+from service.image_check import (
+    CheckedImage,
+    check_image,
+    describe_bytes,
+    header_cost,
+    sniff_format,
+)
 from service.settings import GraftSettings
 from training.preprocess import decode_and_resize, decode_rgb
 
@@ -89,6 +95,35 @@ def test_large_exif_photo_is_decoded_at_reduced_scale_but_looks_the_same() -> No
     assert reencoded.size == (1200, 1600)  # JPEG decoded at 1/2: shorter side stays >= 1024
     expected = model_view(encode(upright, "JPEG", quality=95), 224)
     assert np.abs(model_view(checked.data, 224) - expected).mean() < 2.0
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: exif_rotated_jpeg(photo(3200, 2400, seed=3), 6),  # drafted to 1200x1600
+        lambda: exif_rotated_jpeg(photo(8000, 300), 6),  # too narrow to draft
+        lambda: ODD_VALID["palette.bmp"](),
+        lambda: ODD_VALID["1bit.bmp"](),
+        lambda: encode(photo(), "PNG"),
+        lambda: encode(photo(), "JPEG"),
+    ],
+)
+def test_header_cost_says_what_check_image_re_encodes(make) -> None:
+    """The gateway's budgets trust `header_cost` to foresee, without decoding, the pixels
+    `check_image` stores and re-encodes."""
+    data = make()
+    cost, checked = header_cost(data), check_image(data, max_pixels=LIMIT)
+    assert cost.pixels == checked.width * checked.height
+    if checked.reencoded is None:
+        assert cost.reencoded_pixels == 0
+    else:
+        with Image.open(io.BytesIO(checked.data)) as reencoded:
+            assert cost.reencoded_pixels == reencoded.width * reencoded.height > 0
+
+
+def test_header_cost_of_unreadable_bytes_is_nothing() -> None:
+    for data in (b"", b"hello", b"\x89PNG\r\n\x1a\n" + bytes(30), b"\xff\xd8\xff" + bytes(9)):
+        assert header_cost(data).pixels == header_cost(data).reencoded_pixels == 0
 
 
 def test_orientation_1_and_broken_exif_are_passed_through() -> None:

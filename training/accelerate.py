@@ -6,6 +6,10 @@ that ends `training.preprocess.resize_pixels`), and the part after it, the netwo
 converted to ONNX. The new SavedModel keeps the old signatures as they are and adds
 `preprocess`, the training decode + resize. Before anything is published, the new version's
 accelerated path must give the old version's numbers on test images.
+
+The new version is the same network, so it inherits the old one's promotion record (state,
+figures, who decided): a rejected or candidate version's copy is not served by default either,
+and a version without a record gives a copy without one (promoted).
 """
 
 import shutil
@@ -28,7 +32,9 @@ from service.store.layout import (
     SERVING_SIGNATURE,
 )
 from service.store.manifest import Accelerated, hash_tree, sha256_file
+from service.store.promotion import publish_candidate, read_promotions
 from service.store.repository import ModelRepository
+from service.wire import Promotion
 from training.onnx_export import ONNX_OPSET
 from training.preprocess import decode_batch
 
@@ -41,7 +47,8 @@ class CannotAccelerate(ValueError):
 
 
 def export_onnx(repository: ModelRepository, name: str, version: int) -> int:
-    """Publish `name`/`version` plus its network as ONNX as the next version; returns it."""
+    """Publish `name`/`version` plus its network as ONNX as the next version, with the old
+    version's promotion record; returns it."""
     manifest = repository.verify(name, version)
     if manifest.accelerated is not None:
         raise CannotAccelerate(f"{name} v{version} already has {ONNX_FILE}; serve it as it is")
@@ -64,7 +71,17 @@ def export_onnx(repository: ModelRepository, name: str, version: int) -> int:
             }
         )
         draft.write(export)
-        return repository.publish(export, name)
+        records = read_promotions(repository, name)
+        if version not in records:  # published before the gate: promoted, and so is its copy
+            return repository.publish(export, name)
+        return publish_candidate(repository, export, name, _inherited(records[version], version))
+
+
+def _inherited(record: Promotion, version: int) -> Promotion:
+    """`version`'s record for its copy with the ONNX file: the same decision and figures."""
+    suffix = f" (inherited from v{version}, the same network, by graft export-onnx)"
+    reason = record.reason[: 2000 - len(suffix)] + suffix
+    return record.model_copy(update={"reason": reason})
 
 
 def _write_saved_model(module: tf.Module, path: Path, image_size: int) -> None:

@@ -394,7 +394,8 @@ def export_onnx(
     model_root: ModelRoot = Path("models"),
 ) -> None:
     """Publish VERSION of NAME again with its network as ONNX (for the accelerated runtime),
-    as the next version; prints it. The old version stays as it was."""
+    as the next version; prints it. The old version stays as it was, and the new one takes its
+    promotion record: a rejected or candidate version's copy is not served by default either."""
     from training.accelerate import export_onnx as accelerate
 
     typer.echo(accelerate(ModelRepository(model_root), validate_name(name), version))

@@ -517,7 +517,7 @@ def train(
             # graft.json bounds it (a version asking for more is refused at load): say so now,
             # not after an hour of training.
             raise ValueError(f"--image-size must be 32 to {MAX_IMAGE_SIZE}, got {image_size}")
-        resolve(runtime)  # before the scan: a runtime that cannot be honoured fails at once
+        resolve(runtime, name="--runtime")  # before the scan: fails at once, naming the option
         _check_gate_options(options)
         result = run_train(options)
     typer.echo(json.dumps(result))
@@ -554,6 +554,7 @@ def run_evaluate(
     import numpy as np
 
     from service.store.layout import LABELS_FILE, MANIFEST_FILE
+    from service.store.promotion import resolve_served
     from service.store.repository import ModelRepository
     from training.error_report import write_evaluation_report
     from training.evaluate import classification_metrics, predict_saved_model
@@ -563,7 +564,7 @@ def run_evaluate(
 
     reporter = Reporter(quiet)
     repository = ModelRepository(model_root)
-    resolved = repository.resolve(name, version)
+    resolved = resolve_served(repository, name, version)  # what requests naming none get
     labels = repository.verify(name, resolved).labels
     with tempfile.TemporaryDirectory(prefix="graft-evaluate-") as tmp:
         dataset = _scan(data_dir, Path(tmp), reporter, for_training=False)
@@ -599,7 +600,10 @@ def evaluate(
     name: Annotated[str, typer.Option(help="model name in the repository")],
     model_root: Annotated[Path, typer.Option(help="model repository")],
     version: Annotated[
-        int | None, typer.Option(help="version to evaluate [default: pinned, else newest]")
+        int | None,
+        typer.Option(
+            help="version to evaluate (default: the served one: pinned, else newest promoted)"
+        ),
     ] = None,
     report_dir: Annotated[Path | None, typer.Option(help="report folder")] = None,
     batch_size: Annotated[int, typer.Option()] = DEFAULT_BATCH_SIZE,

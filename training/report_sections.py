@@ -304,7 +304,9 @@ def ood(data: SectionInputs, images: Images) -> Section:
         data.files["ood_png"] = str(path)
         plot = _png(str(path), "histogram of the out-of-distribution scores")
     note = paragraph(
-        "An image scoring above the threshold is flagged as not like the training data."
+        "An image scoring above the threshold is flagged as not like the training data. The "
+        "threshold is the conformal 99th percentile of the validation images' scores: a new "
+        "image like them is flagged with probability at most 1 %."
     )
     return _section("ood", join([note, table(["figure", "value"], rows), plot or ""]))
 

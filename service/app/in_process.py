@@ -11,6 +11,7 @@ reaches a restarted worker is answered once the models are back.
 import asyncio
 import logging
 
+from service.app.heap import FrozenHeap
 from service.app.inference_side import InferenceSide
 from service.errors import NotReady
 from service.settings import GraftSettings
@@ -26,6 +27,7 @@ class InProcessInference:
         self._settings = settings
         self._side: InferenceSide | None = None
         self._opening: asyncio.Task[None] | None = None
+        self._heap = FrozenHeap()
 
     def start(self) -> None:
         """Open the inference side in a worker thread (call on the serving event loop)."""
@@ -44,7 +46,9 @@ class InProcessInference:
     async def status(self) -> list[ModelStatus]:
         if self._side is None:
             raise NotReady("the models are still loading; retry shortly")
-        return await self._side.status()
+        statuses = await self._side.status()
+        self._heap.track(statuses)
+        return statuses
 
     async def metadata(self, model: str, version: int) -> ModelMetadata:
         return await (await self._opened()).metadata(model, version)

@@ -31,12 +31,13 @@ class InferenceClient:
     supervisor, queues it for the new worker.
     """
 
-    def __init__(self, inference: Any) -> None:
+    def __init__(self, inference: Any, server_idle_close_s: float) -> None:
         self._inference = inference
         sessions = getattr(inference.to_async, "_session_manager", None)
         if sessions is not None:  # absent in-process (bentoml serve --development)
             sessions.max_requests = sys.maxsize
             sessions.max_age = math.inf
+            _reuse_idle_connections_for(sessions, server_idle_close_s / 2)
 
     async def infer(self, items: list[InferItem]) -> list[InferResult]:
         return InferReply.model_validate(await self._retrying("infer", items)).results
@@ -77,3 +78,19 @@ class InferenceClient:
                         "it is not sent again, since it may be what stops it (see the server log)"
                     ) from exc
                 logger.warning("inference %s: %s; sending it once more", api, exc)
+
+
+def _reuse_idle_connections_for(sessions: Any, idle_s: float) -> None:
+    """aiohttp reuses an idle connection for 15 s, but the inference server closes one idle
+    for `GRAFT_HEADER_TIMEOUT_S` or uvicorn's 5 s keep-alive. While the entry's event loop is
+    busy it has not yet read that close, and a call sent on such a connection breaks after
+    being sent, as does its one replay on the next: a 500 for a request that never reached
+    the model. Connections idle for half the server's limit are dropped, not reused."""
+    make_client = sessions._make_client
+
+    def with_short_keepalive() -> Any:
+        session = make_client()
+        session.connector._keepalive_timeout = idle_s  # aiohttp checks it on every reuse
+        return session
+
+    sessions._make_client = with_short_keepalive

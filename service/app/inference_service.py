@@ -8,6 +8,7 @@ started (service.app.entry).
 
 import bentoml
 
+from service.app.heap import FrozenHeap
 from service.app.inference_side import InferenceSide
 from service.app.process import INFERENCE_TIMEOUT_S, SETTINGS
 from service.app.replies import InferReply, MetadataReply, Reply, StatusReply
@@ -27,6 +28,7 @@ class Inference:
         # TensorFlow is imported here, in the inference process only: the entry process imports
         # this module too (for `bentoml.depends`) and must stay light.
         self.side = InferenceSide.open(SETTINGS)
+        self._heap = FrozenHeap()
 
     @bentoml.on_shutdown
     async def stop(self) -> None:
@@ -41,7 +43,9 @@ class Inference:
 
     @bentoml.api
     async def status(self) -> StatusReply:
-        return StatusReply(models=await self.side.status())
+        statuses = await self.side.status()
+        self._heap.track(statuses)
+        return StatusReply(models=statuses)
 
     @bentoml.api
     async def metadata(self, model: str, version: int) -> MetadataReply:

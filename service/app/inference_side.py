@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from service.errors import GraftError, RejectedModel
+from service.image_check import header_cost
 from service.settings import GraftSettings
 from service.store.load_records import LoadRecords, default_state_dir
 from service.store.single_model import open_repository
@@ -51,6 +52,9 @@ class InferenceSide:
             max_batch_size=settings.max_batch_size,
             timeout_s=settings.batch_timeout_ms / 1000,
             threads=settings.batch_threads,
+            cost=_decoded_pixels,
+            max_batch_cost=settings.max_batch_pixels,
+            heavy_cost=settings.heavy_image_pixels or None,
         )
 
     async def close(self) -> None:
@@ -61,7 +65,9 @@ class InferenceSide:
         return self.manager.ready(model)
 
     async def infer(self, items: list[InferItem]) -> list[InferResult]:
-        return await self.batcher.submit(items)
+        # One call is one request's images; a caller's are never held back as background.
+        background = all(item.background for item in items)
+        return await self.batcher.submit(items, background=background)
 
     async def status(self) -> list[ModelStatus]:
         return self.manager.status()  # in memory, under a lock held only for a copy
@@ -78,6 +84,12 @@ class InferenceSide:
 
     async def refresh(self) -> None:
         await asyncio.to_thread(self.manager.refresh)
+
+
+def _decoded_pixels(item: InferItem) -> int:
+    """What decoding the item costs the batch, from its header (the upload's, or the entry's
+    re-encode's): microseconds, on the event loop."""
+    return header_cost(item.image).pixels
 
 
 def _check_model(folder: Path, name: str, engine: Any) -> None:

@@ -8,9 +8,9 @@ worker thread, never on the event loop.
 import base64
 from dataclasses import dataclass
 
-from service.gateway.results import image_result
+from service.gateway.results import Prediction
 from service.heatmap import heatmap_png, overlay_png
-from service.schemas import ExplainResponse, ImageExplanation
+from service.schemas import ExplainResponse, ImageExplanation, ImageResult
 from service.wire import InferResult
 
 
@@ -25,27 +25,25 @@ class Served:
     results: list[InferResult]  # one per image, none failed
 
 
-def explain_response(served: Served, top_k: int) -> ExplainResponse:
-    """The /explain answer for `served` (explained items): CPU work, call in a thread."""
+def explain_response(served: Served, prediction: Prediction, top_k: int) -> ExplainResponse:
+    """The /explain answer for `served` (explained items) and their `prediction` (classify's
+    labels, `unknown` included): CPU work, call in a thread."""
     k = min(top_k, len(served.labels))
+    rows = zip(served.images, served.results, prediction.image_results(k), strict=True)
     return ExplainResponse(
         model=served.model,
         version=served.version,
-        explanations=[
-            _explanation(image, result, served.labels, k)
-            for image, result in zip(served.images, served.results, strict=True)
-        ],
+        explanations=[_explanation(image, result, top) for image, result, top in rows],
     )
 
 
-def _explanation(image: bytes, result: InferResult, labels: list[str], k: int) -> ImageExplanation:
-    top = image_result(result.array(), labels, k)
+def _explanation(image: bytes, result: InferResult, top: ImageResult) -> ImageExplanation:
     heatmap = result.heatmap_array()
     return ImageExplanation(
         label=top.label,
         score=top.score,
         top_k=top.top_k,
-        in_distribution=result.in_distribution,  # None: a version without the flag
+        in_distribution=top.in_distribution,  # None: a version without the flag
         heatmap_png=_b64(heatmap_png(heatmap)),
         overlay_png=_b64(overlay_png(image, heatmap)),
     )

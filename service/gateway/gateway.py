@@ -12,6 +12,8 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
+from typing import Required, TypedDict, TypeVar, Unpack
 
 from service.errors import (
     BadRequest,
@@ -29,7 +31,7 @@ from service.gateway.management import Management
 from service.gateway.request_metrics import observe, record_served
 from service.gateway.results import Prediction, raise_first_error
 from service.gateway.trials import Trials
-from service.image_check import check_image
+from service.image_check import check_image, header_cost
 from service.schemas import ClassifyResponse, ExplainResponse
 from service.settings import GraftSettings
 from service.store.repository import validate_name
@@ -53,8 +55,32 @@ class InferenceRequest:
     reject_asked: bool = False  # by the request (not the policy): needs a version with the flag
 
 
+class Ask(TypedDict, total=False):
+    """What a request asks beside its images, on every protocol."""
+
+    model: Required[str | None]  # None: GRAFT_DEFAULT_MODEL
+    version: Required[int | None]  # None: the policy's choice (stable, canary, pin)
+    protocol: Required[str]
+    deadline: float | None  # time.monotonic() instant; None: GRAFT_REQUEST_TIMEOUT_S from now
+    route: str  # the metrics' route label
+    client_key: str | None  # X-Graft-Client: keeps a client on one side of a canary
+    reject_unknown: bool | None  # out-of-distribution images answer `unknown`; None: the policy
+
+
+_Answer = TypeVar("_Answer")
+
+
 def _not_draining() -> bool:
     return False
+
+
+def _check_top_k(top_k: int) -> None:
+    if top_k < 1:
+        raise BadRequest(f"top_k must be at least 1, got {top_k}")
+
+
+def _predicted(served: Served, prediction: Prediction) -> Prediction:
+    return prediction
 
 
 class Gateway:
@@ -76,7 +102,6 @@ class Gateway:
             self.management.repository,
             settings,
             labels=self._labels,
-            callers_in_flight=lambda: self._admission.queued,
         )
 
     async def refresh_status(self) -> list[ModelStatus]:
@@ -129,24 +154,10 @@ class Gateway:
         return self._metadata[key]
 
     async def classify(
-        self,
-        images: list[bytes],
-        *,
-        model: str | None,
-        version: int | None,
-        top_k: int,
-        protocol: str,
-        deadline: float | None = None,
-        route: str = "classify",
-        client_key: str | None = None,
-        reject_unknown: bool | None = None,
+        self, images: list[bytes], *, top_k: int, **ask: Unpack[Ask]
     ) -> ClassifyResponse:
-        if top_k < 1:
-            raise BadRequest(f"top_k must be at least 1, got {top_k}")
-        prediction = await self.predict(
-            images, model=model, version=version, protocol=protocol, deadline=deadline,
-            route=route, client_key=client_key, reject_unknown=reject_unknown,
-        )  # fmt: skip
+        _check_top_k(top_k)
+        prediction = await self._answered(images, ask, "classify", _predicted)
         k = min(top_k, len(prediction.labels))
         return ClassifyResponse(
             model=prediction.model,
@@ -155,58 +166,46 @@ class Gateway:
         )
 
     async def explain(
-        self,
-        images: list[bytes],
-        *,
-        model: str | None,
-        version: int | None,
-        top_k: int,
-        protocol: str,
-        deadline: float | None = None,
-        route: str = "explain",
+        self, images: list[bytes], *, top_k: int, **ask: Unpack[Ask]
     ) -> ExplainResponse:
-        """Top classes and the Grad-CAM heatmap PNGs of `images`: the same checks, limits and
-        inference batches as classify, on the version's `explain` signature."""
-        if top_k < 1:
-            raise BadRequest(f"top_k must be at least 1, got {top_k}")
-        name = model or self._settings.default_model
-        with observe(protocol, route, name, version) as outcome:
-            deadline = self._deadline(deadline)
-            request = InferenceRequest(images, name, version, deadline, protocol, explain=True)
-            served = await self._served(request)
-            outcome["version"] = str(served.version)
-            return await asyncio.to_thread(explain_response, served, top_k)
+        """Top classes and the Grad-CAM heatmap PNGs of `images`: classify's checks, limits,
+        version choice and inference batches, on the version's `explain` signature."""
+        _check_top_k(top_k)
+        answer = partial(explain_response, top_k=top_k)
+        return await self._answered(images, ask, "explain", answer, explain=True)
 
-    async def predict(
+    async def predict(self, images: list[bytes], **ask: Unpack[Ask]) -> Prediction:
+        """Probabilities for `images` (see `Ask` for the request's options)."""
+        return await self._answered(images, ask, "predict", _predicted)
+
+    async def _answered(
         self,
         images: list[bytes],
+        ask: Ask,
+        route: str,
+        answer: Callable[[Served, Prediction], _Answer],
         *,
-        model: str | None,
-        version: int | None,
-        protocol: str,
-        deadline: float | None = None,
-        route: str = "predict",
-        client_key: str | None = None,
-        reject_unknown: bool | None = None,
-    ) -> Prediction:
-        """Probabilities for `images`; `deadline` (time.monotonic()) defaults to
-        GRAFT_REQUEST_TIMEOUT_S from now; `client_key` keeps a client on one side of a canary
-        (service/gateway/canary.py); `reject_unknown` (None: the model's policy) labels the
-        images out of distribution `unknown`."""
-        name = model or self._settings.default_model
-        with observe(protocol, route, name, version) as outcome:
-            deadline = self._deadline(deadline)
+        explain: bool = False,
+    ) -> _Answer:
+        """The one path of every inference call: the request checked, routed (pin, canary,
+        sticky key), admitted and inferred, then `answer`ed; `route` is the metrics' label
+        where `ask` names none. An explained answer renders PNGs: in a worker thread."""
+        name, version = ask["model"] or self._settings.default_model, ask["version"]
+        asked = ask.get("reject_unknown")
+        with observe(ask["protocol"], ask.get("route", route), name, version) as outcome:
             request = InferenceRequest(
-                images, name, version, deadline, protocol, client_key=client_key,
-                reject_unknown=self._rejects_unknown(name, reject_unknown),
-                reject_asked=bool(reject_unknown),
+                images, name, version, self._deadline(ask.get("deadline")), ask["protocol"],
+                explain=explain, client_key=ask.get("client_key"),
+                reject_unknown=self._rejects_unknown(name, asked), reject_asked=bool(asked),
             )  # fmt: skip
-            prediction = await self._predict(request)
-            outcome["version"] = str(prediction.version)
-            return prediction
+            served = await self._served(request)
+            prediction = self._prediction(served, request)
+            outcome["version"] = str(served.version)
+            if explain:
+                return await asyncio.to_thread(answer, served, prediction)
+            return answer(served, prediction)
 
-    async def _predict(self, request: InferenceRequest) -> Prediction:
-        served = await self._served(request)
+    def _prediction(self, served: Served, request: InferenceRequest) -> Prediction:
         prediction = Prediction.of(
             served.model, served.version, served.labels, served.results, request.reject_unknown
         )
@@ -296,20 +295,31 @@ class Gateway:
             )
 
     def _validated(self, images: list[bytes]) -> list[bytes]:
-        """Every image checked (header, structure, EXIF), in a worker thread: it costs CPU."""
-        limit, budget = self._settings.max_image_pixels, self._settings.max_request_pixels
-        checked, total = [], 0
+        """Every image checked (header, structure, EXIF), in a worker thread: it costs CPU.
+        The request's budgets first, from the headers: a request over them decodes nothing."""
+        self._check_budgets(images)
+        limit = self._settings.max_image_pixels
+        return [check_image(data, max_pixels=limit, index=i).data for i, data in enumerate(images)]
+
+    def _check_budgets(self, images: list[bytes]) -> None:
+        budget, rotated = self._settings.max_request_pixels, self._settings.max_reencoded_pixels
+        total = reencoded = 0
         for index, data in enumerate(images):
-            image = check_image(data, max_pixels=limit, index=index)
-            total += image.width * image.height
+            cost = header_cost(data)
+            total, reencoded = total + cost.pixels, reencoded + cost.reencoded_pixels
             if total > budget:
                 raise PayloadTooLarge(
                     f"images 0-{index} of the request hold {total} pixels; the limit per request "
                     f"is {budget} (GRAFT_MAX_REQUEST_PIXELS): send fewer or smaller images per "
                     "request"
                 )
-            checked.append(image.data)
-        return checked
+            if reencoded > rotated:
+                raise PayloadTooLarge(
+                    f"images 0-{index} of the request need {reencoded} pixels re-encoded (EXIF "
+                    f"rotation, or a BMP variant); the limit per request is {rotated} "
+                    "(GRAFT_MAX_REENCODED_PIXELS): rotate the images upright before sending "
+                    "(e.g. PIL.ImageOps.exif_transpose), or send fewer of them per request"
+                )
 
     async def _infer(self, request: InferenceRequest) -> list[InferResult]:
         now = time.time()

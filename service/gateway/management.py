@@ -28,7 +28,7 @@ from service.settings import GraftSettings
 from service.store.promotion import operator_decision, read_promotions, record_promotion
 from service.store.repository import ModelRepository, validate_name, validate_version
 from service.store.single_model import open_repository
-from service.wire import InferenceBackend, Promotion, PromotionState
+from service.wire import InferenceBackend, Promotion, PromotionBody, PromotionState
 
 # `POST /models/{name}/versions?promote=...`: the server runs no gate itself (`graft push`
 # measures and then records its decision with PUT .../promotion); `always` is what a push did
@@ -134,25 +134,23 @@ class Management:
         return version
 
     async def set_promotion(self, model: str, version: int, body: object) -> Promotion:
-        """Record `version`'s promotion as the JSON `body` says (a `Promotion` without
-        `decided_at`); `decided_by: operator` keeps the gate's figures already recorded."""
+        """Record `version`'s promotion as the JSON `body` (a `PromotionBody`) says;
+        `decided_by: operator` keeps the gate's figures already recorded."""
         name, version = validate_name(model), validate_version(version)
         if not isinstance(body, dict):
             raise BadRequest('send a JSON object, e.g. {"state": "promoted", "decided_by": ...}')
         try:
-            defaults = {"decided_by": "operator", "reason": ""}
-            wanted = Promotion.model_validate({**defaults, **body, "decided_at": None})
+            wanted = PromotionBody.model_validate(body)
         except ValidationError as exc:
-            raise BadRequest(f"invalid promotion: {validation_message(exc)}") from None
-        if wanted.decided_by in ("unrecorded", "always"):
             raise BadRequest(
-                "decided_by must be gate, never or operator (always: push with promote=always)"
-            )
+                f"invalid promotion: {validation_message(exc)} (a version promoted at once is "
+                "pushed with promote=always)"
+            ) from None
         if wanted.decided_by == "operator" and wanted.gate is None:
             decide = partial(operator_decision, state=wanted.state, reason=wanted.reason or None)
         else:
             reason = wanted.reason or f"{wanted.state} by the {wanted.decided_by} decision"
-            decided = wanted.model_copy(update={"reason": reason})
+            decided = Promotion(**{**dict(wanted), "reason": reason})
             decide = partial(record_promotion, promotion=decided)
         record = await asyncio.to_thread(decide, self._repository, name, version)
         deadline = time.monotonic() + self._settings.request_timeout_s

@@ -2,12 +2,13 @@
 the request path, to compare the two on live images.
 
 A sampled request leaves its images in a bounded queue (GRAFT_SHADOW_QUEUE images) while it is
-admitted; a sample that does not fit is dropped and counted, never waited for. One worker task
-takes the samples in order: once the caller has its answer, the images are run on the shadow
-version, but only while at most GRAFT_MAX_BATCH_SIZE callers' images are in flight: under load
-the sample is dropped (`busy`), so shadow work never holds a place in the admission queue,
-never delays a caller's batch and never answers a caller. The shadow's own failures are
-counted, never raised. At most one shadow request runs at a time.
+admitted; a sample that does not fit is dropped and counted (`queue_full`), never waited for.
+One worker task takes the samples in order: once the caller has its answer, the images go to
+the inference side as background items, which its batcher runs only while no caller's image
+waits and no batch runs (service.runtime.batcher); a sample still waiting there at its
+deadline (GRAFT_REQUEST_TIMEOUT_S) is dropped (`busy`). So shadow work never holds a place in
+the admission queue, never shares or precedes a caller's batch, and never answers a caller.
+The shadow's own failures are counted, never raised. The worker sends one sample at a time.
 
 Figures per model and shadow version: images compared, how many had the same top-1 label on
 both versions, the mean top-1 confidence of each, errors and drops; the agreement over the
@@ -22,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from service import metrics
-from service.errors import GraftError
+from service.errors import DeadlineExceeded, GraftError
 from service.gateway.backend_calls import call_backend
 from service.gateway.rollback import Window
 from service.policy import ShadowFigures, ShadowPolicy
@@ -73,13 +74,11 @@ class ShadowRunner:
         labels: Labels,
         *,
         queue_images: int,
-        busy: Callable[[], bool],
         timeout_s: float,
     ) -> None:
         self._backend = backend
         self._labels = labels
         self._capacity = queue_images
-        self._busy = busy
         self._timeout_s = timeout_s
         self._queue: deque[Sample] = deque()
         self._queued_images = 0
@@ -158,13 +157,10 @@ class ShadowRunner:
         if stable is None:
             self.drop(sample.model, sample.version, "caller_failed")
             return
-        if self._busy():
-            self.drop(sample.model, sample.version, "busy")
-            return
         now = time.time()
         items = [
             InferItem(model=sample.model, version=sample.version, image=image, enqueued_at=now,
-                      protocol="shadow")
+                      protocol="shadow", background=True)
             for image in sample.images
         ]  # fmt: skip
         deadline = time.monotonic() + self._timeout_s
@@ -173,7 +169,9 @@ class ShadowRunner:
             labels = await call_backend(self._labels(sample.model, sample.version), deadline)
         except GraftError as exc:
             logger.info("shadow version %s of %s not run: %s", sample.version, sample.model, exc)
-            self.drop(sample.model, sample.version, "unavailable")
+            # Past the deadline: callers kept the inference side busy all that time.
+            reason = "busy" if isinstance(exc, DeadlineExceeded) else "unavailable"
+            self.drop(sample.model, sample.version, reason)
             return
         self._compare(sample, stable, results, labels)
 

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
 
 from service import metrics
 from service.errors import GraftError, error_class
@@ -50,7 +49,6 @@ class Trials:
         repository: ModelRepository,
         settings: GraftSettings,
         labels: Labels,
-        callers_in_flight: Callable[[], int],
     ) -> None:
         self._backend = backend
         self._repository = repository
@@ -65,7 +63,6 @@ class Trials:
             backend,
             labels,
             queue_images=settings.shadow_queue,
-            busy=lambda: callers_in_flight() > settings.max_batch_size,
             timeout_s=settings.request_timeout_s,
         )
 
@@ -242,7 +239,7 @@ class Trials:
         before = promotion_of(read_promotions(self._repository, name), version)
         promotion = Promotion(
             state=PromotionState.PROMOTED,
-            decided_by="operator",  # by the operator's policy: auto_promote_after_s
+            decided_by="auto",  # by the server, as the policy's auto_promote_after_s says
             reason=f"canary promoted automatically: {reason}"[:2000],
             gate=before.gate,
         )

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+CGROUP = Path("/sys/fs/cgroup")  # where a container's CPU limit shows
+
 CPU = "cpu"
 GPU = "gpu"
 DEVICES = ("auto", CPU, GPU, "gpu:N")
@@ -51,7 +53,7 @@ def decode_threads_default(device: Device) -> int:
     return usable_cores() if device.kind == GPU else 1
 
 
-def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+def usable_cores(cgroup: Path = CGROUP) -> int:
     """The cores this process may use: its CPU affinity, capped by a cgroup CPU quota (a
     container's CPU limit, which the affinity does not show: a pod limited to 8 CPUs on a
     64-core node sees 64)."""

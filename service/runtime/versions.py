@@ -45,6 +45,8 @@ from service.wire import ModelStatus, Promotion, VersionState, VersionStatus
 logger = logging.getLogger("graft.manager")
 
 Loader = Callable[[ModelRepository, str, int], LoadedModel]
+# Puts a loaded version where it serves (stable or trial), under the manager's lock.
+_Place = Callable[[str, "_ModelState", LoadedModel], None]
 # A hanging load cannot be interrupted; stop() waits this long for it, then leaves it behind
 # (load threads are daemons).
 STOP_TIMEOUT_S = 30.0
@@ -156,8 +158,7 @@ class VersionManager:
             except GraftError as exc:
                 logger.warning("skipping model %s: %s", name, exc.message)
                 continue
-            # once per model and process: the failures that earlier processes recorded
-            failed = self._records.failures(name) if name not in self._slots else {}
+            failed = self._recorded_failures(name, on_disk) if name not in self._slots else {}
             with self._lock:
                 slot = self._slots.setdefault(name, _ModelState(failed=failed))
                 slot.on_disk, slot.pin, slot.policy = on_disk, policy.pin, policy
@@ -171,6 +172,17 @@ class VersionManager:
             if load is not None:
                 loads.append(load)
         return loads
+
+    def _recorded_failures(self, name: str, on_disk: list[int]) -> dict[int, str]:
+        """Once per model and process: the failures that earlier processes recorded, logged
+        as a failed load is (a restart must not hide why a version is not served)."""
+        failed = self._records.failures(name)
+        for version in sorted(set(failed) & set(on_disk)):
+            logger.error(
+                "model %s version %s FAILED (recorded by an earlier process; not loaded "
+                "again): %s", name, version, failed[version],
+            )  # fmt: skip
+        return failed
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -199,15 +211,7 @@ class VersionManager:
             return None
         if wanted in slot.failed or slot.loading is not None or self._stop.is_set():
             return None
-        slot.loading = wanted
-        slot.load_thread = threading.Thread(
-            target=self._load_and_swap,
-            args=(name, slot, wanted),
-            name=f"graft-load-{name}",
-            daemon=True,
-        )
-        slot.load_thread.start()
-        return slot.load_thread
+        return self._start_load(name, slot, wanted, self._swap_in)
 
     def _ensure_trials(self, name: str, slot: _ModelState) -> threading.Thread | None:
         """Under the lock: keep loaded the versions the policy serves beside the stable one
@@ -220,45 +224,41 @@ class VersionManager:
         missing = [v for v in named if _loaded(slot, v) is None and v not in slot.failed]
         if not missing or slot.loading is not None or self._stop.is_set():
             return None
-        slot.loading = missing[0]
+        return self._start_load(name, slot, missing[0], _add_trial)
+
+    def _start_load(
+        self, name: str, slot: _ModelState, version: int, place: _Place
+    ) -> threading.Thread:
+        """Under the lock: load `version` in a thread of its own while the active version
+        serves; `place` then puts it where it serves (stable or trial), under the lock."""
+        slot.loading = version
         slot.load_thread = threading.Thread(
-            target=self._load_trial,
-            args=(name, slot, missing[0]),
+            target=self._load_and_place,
+            args=(name, slot, version, place),
             name=f"graft-load-{name}",
             daemon=True,
         )
         slot.load_thread.start()
         return slot.load_thread
 
-    def _load_trial(self, name: str, slot: _ModelState, version: int) -> None:
-        """A load thread's body for a canary or shadow version: load it beside the stable one."""
+    def _load_and_place(self, name: str, slot: _ModelState, version: int, place: _Place) -> None:
+        """A load thread's body."""
         loaded = None
         try:
             loaded = self._load(name, version, slot)
         finally:
             with self._lock:
                 slot.loading = None
-                if loaded is not None and version in slot.policy.trial_versions():
-                    slot.trials[version] = loaded
-                    _runtime_gauge(loaded).set(1)
-                    logger.info("model %s version %s loaded beside the stable one", name, version)
-            self._wake.set()
-
-    def _load_and_swap(self, name: str, slot: _ModelState, version: int) -> None:
-        """A load thread's body: load `version` while the active one serves, then swap."""
-        loaded = None
-        try:
-            loaded = self._load(name, version, slot)
-        finally:
-            with self._lock:
-                slot.loading = None
-                if loaded is not None and slot.pin in (None, version):
-                    self._swap(name, slot, loaded)
-                elif loaded is not None:
-                    logger.info(
-                        "model %s version %s dropped: pinned to %s", name, version, slot.pin
-                    )
+                if loaded is not None:
+                    place(name, slot, loaded)
             self._wake.set()  # the wanted version may have moved on during the load
+
+    def _swap_in(self, name: str, slot: _ModelState, loaded: LoadedModel) -> None:
+        """Under the lock: a loaded stable version swaps in, unless a pin moved on meanwhile."""
+        if slot.pin in (None, loaded.version):
+            self._swap(name, slot, loaded)
+        else:
+            logger.info("model %s version %s dropped: pinned to %s", name, loaded.version, slot.pin)
 
     def _load(self, name: str, version: int, slot: _ModelState) -> LoadedModel | None:
         started = time.perf_counter()
@@ -293,10 +293,17 @@ class VersionManager:
         logger.info("model %s now serves version %s on %s", name, new.version, new.runtime)
 
 
+def _add_trial(name: str, slot: _ModelState, loaded: LoadedModel) -> None:
+    """Under the lock: a loaded canary or shadow version joins the trials, unless the policy
+    no longer names it."""
+    if loaded.version in slot.policy.trial_versions():
+        slot.trials[loaded.version] = loaded
+        _runtime_gauge(loaded).set(1)
+        logger.info("model %s version %s loaded beside the stable one", name, loaded.version)
+
+
 def _runtime_gauge(model: LoadedModel) -> Any:
-    return metrics.MODEL_RUNTIME.labels(
-        model.name, str(model.version), model.runtime, model.device
-    )
+    return metrics.MODEL_RUNTIME.labels(model.name, str(model.version), model.runtime, model.device)
 
 
 def _wanted(

@@ -12,8 +12,8 @@ Serving ignores it. Version numbers are never reused, so a record left behind by
 version can never apply to another one.
 
 - No record: the version was published before the gate existed, or by something that
-  publishes as before (`ModelRepository.publish`, `graft init-default`, `graft
-  export-onnx`): it counts as promoted.
+  publishes as before (`ModelRepository.publish`, `graft init-default`): it counts as
+  promoted. `graft export-onnx` gives its copy the source version's record (or none).
 - `publish_candidate` writes the candidate record under the model's lock before the version
   folder appears, so a poller never sees the new version without its record (which would
   count as promoted). The decision replaces the record later; a publisher killed in between

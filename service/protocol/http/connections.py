@@ -16,6 +16,12 @@ from typing import Any
 from uvicorn.protocols.http import auto
 
 _BaseProtocol: type[Any] = auto.AutoHTTPProtocol  # httptools' when installed, else h11's
+KEEP_ALIVE_S = 5.0  # uvicorn's timeout_keep_alive, which BentoML 1.4 leaves at its default
+
+
+def idle_close_s(header_timeout_s: float) -> float:
+    """How long a connection may stay idle after an answer before this server closes it."""
+    return min(KEEP_ALIVE_S, header_timeout_s)
 
 
 class DeadlineHTTPProtocol(_BaseProtocol):  # type: ignore[misc, valid-type]

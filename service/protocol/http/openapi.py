@@ -16,7 +16,7 @@ from service.protocol.http.pages import ASSET_ROUTE, ASSETS, PAGES
 from service.protocol.v2.openapi import GUARD_STATUSES, v2_paths
 from service.schemas import DEFAULT_TOP_K, ClassifyResponse, ErrorBody, ExplainResponse
 from service.store.repository import NAME_PATTERN
-from service.wire import ModelStatus
+from service.wire import ModelStatus, PromotionAnswer, PromotionBody
 
 _REF = "#/components/schemas/{model}"
 
@@ -24,7 +24,10 @@ _REF = "#/components/schemas/{model}"
 @cache
 def openapi_document() -> dict[str, Any]:
     schemas: dict[str, Any] = {}
-    models = (ClassifyResponse, ExplainResponse, ErrorBody, ModelStatus, PolicyBody, PolicyAnswer)
+    models = (
+        ClassifyResponse, ExplainResponse, ErrorBody, ModelStatus, PolicyBody, PolicyAnswer,
+        PromotionBody, PromotionAnswer,
+    )  # fmt: skip
     for model in models:
         _add_schema(schemas, model)
     return {
@@ -269,29 +272,15 @@ _PROMOTE_PARAM = {
 
 def _promotion_paths() -> dict[str, Any]:
     """Recording a version's promotion (the promotion gate, service/store/promotion.py)."""
-    body = {
-        "type": "object",
-        "properties": {
-            "state": {"type": "string", "enum": ["candidate", "promoted", "rejected"]},
-            "decided_by": {
-                "type": "string",
-                "enum": ["gate", "never", "operator"],
-                "default": "operator",
-            },
-            "reason": {"type": "string", "maxLength": 2000},
-            "gate": {"oneOf": [_ref("GateResult"), {"type": "null"}]},
-        },
-        "required": ["state"],
-    }
     return {
         "/models/{name}/versions/{version}/promotion": {
             "put": {
                 "summary": "Promote, reject or hold a version (an operator, or graft push's gate)",
                 "security": [{"admin": []}],
                 "parameters": [_MODEL_PARAM, _VERSION_PARAM],
-                "requestBody": {"required": True, **_json(body, "The decision")},
+                "requestBody": {"required": True, **_json(_ref("PromotionBody"), "The decision")},
                 "responses": {
-                    "200": _json({"type": "object"}, "The version's promotion record"),
+                    "200": _json(_ref("PromotionAnswer"), "The version's promotion record"),
                     **_errors(400, 401, 403, 404, 409, 504),
                 },
             }

@@ -16,7 +16,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 from service.errors import BadRequest, GraftError, ModelNotFound, Overloaded
 from service.gateway import Gateway
@@ -30,7 +30,7 @@ from service.protocol.v2.rest import v2_routes
 from service.schemas import ErrorBody
 from service.store.repository import validate_name
 from service.units import MiB
-from service.wire import ModelStatus, VersionState
+from service.wire import ModelStatus, PromotionAnswer, VersionState
 
 logger = logging.getLogger("graft.http")
 
@@ -82,9 +82,18 @@ async def _no_route(request: Request, exc: Exception) -> Response:
     into JSON)."""
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
-        return _method_not_allowed(request, allow=(exc.headers or {}).get("allow", ""))
+        return _method_not_allowed(request, allow=_allowed(request))
     body = ErrorBody(error="not_found", message="no route serves this path; see /openapi.json")
     return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=exc.headers)
+
+
+def _allowed(request: Request) -> str:
+    """Every method this path takes: Starlette's 405 names only the first matching route's."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods or set()
+    return ", ".join(sorted(methods))
 
 
 def _method_not_allowed(request: Request, allow: str) -> JSONResponse:
@@ -102,44 +111,36 @@ class _Handlers:
     # -- inference ---------------------------------------------------------------------------
 
     async def classify(self, request: Request) -> Response:
+        return await self._answer(request, CLASSIFY_ROUTE)
+
+    async def explain(self, request: Request) -> Response:
+        """/classify's body; the answer adds each image's heatmap PNGs (base64)."""
+        return await self._answer(request, EXPLAIN_ROUTE)
+
+    async def _answer(self, request: Request, route: str) -> Response:
+        """/classify and /explain: one body, one version choice (pin, canary, the sticky
+        X-Graft-Client key), one policy; only the gateway call and the encoding differ."""
         gateway = self._gateway()
         try:
-            images, fields = await classify_input(request)
+            images, fields = await classify_input(request, route)
         except GraftError as exc:
-            return _rejected(CLASSIFY_ROUTE, exc)
+            return _rejected(route, exc)
+        explain = route == EXPLAIN_ROUTE
         try:
-            response = await gateway.classify(
+            response = await (gateway.explain if explain else gateway.classify)(
                 images,
                 model=fields.model,
                 version=fields.version,
                 top_k=fields.top_k,
                 protocol="http",
-                route=CLASSIFY_ROUTE,
+                route=route,
                 client_key=request.headers.get(CLIENT_KEY_HEADER),
                 reject_unknown=fields.reject_unknown,
             )
         except GraftError as exc:
             return error_response(exc)
-        return JSONResponse(response.model_dump())
-
-    async def explain(self, request: Request) -> Response:
-        """/classify's body; the answer adds each image's heatmap PNGs (base64)."""
-        gateway = self._gateway()
-        try:
-            images, fields = await classify_input(request, EXPLAIN_ROUTE)
-        except GraftError as exc:
-            return _rejected(EXPLAIN_ROUTE, exc)
-        try:
-            response = await gateway.explain(
-                images,
-                model=fields.model,
-                version=fields.version,
-                top_k=fields.top_k,
-                protocol="http",
-                route=EXPLAIN_ROUTE,
-            )
-        except GraftError as exc:
-            return error_response(exc)
+        if not explain:
+            return JSONResponse(response.model_dump())
         # Megabytes of base64 PNGs for a full request: encoded off the event loop too.
         body = await asyncio.to_thread(response.model_dump_json)
         return Response(body, media_type="application/json")
@@ -247,7 +248,8 @@ class _Handlers:
         name, version = request.path_params["name"], request.path_params["version"]
         body = await json_body(request)
         record = await self._gateway().management.set_promotion(name, version, body)
-        return JSONResponse({"name": name, "version": version, **record.model_dump(mode="json")})
+        answer = PromotionAnswer(name=name, version=version, **dict(record))
+        return JSONResponse(answer.model_dump(mode="json"))
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(openapi_document())
