@@ -117,12 +117,7 @@ class Batcher(Generic[T, R]):
 
     async def _batch_loop(self) -> None:
         while True:
-            batch = await self._next_batch()
-            try:
-                await self._execute(batch)
-            finally:
-                self._running -= 1
-            await self._notify_idle()
+            await self._run_taken(await self._next_batch())
 
     async def _heavy_loop(self) -> None:
         """The heavy lane: one batch at a time, on its own thread, whatever `threads` says."""
@@ -131,14 +126,18 @@ class Batcher(Generic[T, R]):
                 await self._changed.wait_for(lambda: _has_live(self._heavy))
                 batch = self._take(self._heavy)  # the head is live: never empty
                 self._running += 1
-            try:
-                await self._execute(batch, self._heavy_pool)
-            finally:
-                self._running -= 1
-            await self._notify_idle()
+            await self._run_taken(batch, self._heavy_pool)
 
-    async def _notify_idle(self) -> None:
-        if self._background:  # the batcher may be idle now: a background batch can start
+    async def _run_taken(
+        self, batch: list[_Pending[T, R]], pool: ThreadPoolExecutor | None = None
+    ) -> None:
+        """Run a batch counted in `_running` when it was taken; once it is done the batcher
+        may be idle, so a waiting background batch is woken."""
+        try:
+            await self._execute(batch, pool)
+        finally:
+            self._running -= 1
+        if self._background:
             async with self._changed:
                 self._changed.notify_all()
 
