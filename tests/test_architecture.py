@@ -107,9 +107,7 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("breakage", sorted(BREAKAGES))
-def test_breaking_a_contract_fails_the_lint(
-    breakage: str, pristine: Path, tmp_path: Path
-) -> None:
+def test_breaking_a_contract_fails_the_lint(breakage: str, pristine: Path, tmp_path: Path) -> None:
     path, line, contract = BREAKAGES[breakage]
     tree = tmp_path / "tree"
     shutil.copytree(pristine, tree)

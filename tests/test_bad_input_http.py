@@ -449,6 +449,8 @@ WRONG_METHODS = {  # (method, path) -> the methods that path takes
     ("POST", "/v1/models/colours/metadata"): {"GET", "HEAD"},
     ("PUT", "/openapi.json"): {"GET", "HEAD"},
     ("GET", "/v2/models/colours/infer"): {"POST"},
+    ("OPTIONS", "/v1/models/colours:predict"): {"POST"},  # not also the status route's GET
+    ("GET", "/v1/models/colours/versions/1:predict"): {"POST"},
 }
 
 

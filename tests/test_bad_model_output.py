@@ -92,4 +92,3 @@ def test_tf_serving_predict_never_answers_nan(server: RunningServer) -> None:
     assert dict(refused.value.trailing_metadata() or ()).get("graft-error-code") == (
         "bad_model_output"
     )
-

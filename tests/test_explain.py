@@ -404,3 +404,23 @@ def test_graft_explain_of_an_old_export_is_one_clear_line(model_root: Path, tmp_
         f"error: {ExplanationsUnavailable.of('old v1').message}"
     )
     assert "Traceback" not in result.stderr
+
+
+def test_graft_explain_defaults_to_the_served_version_not_the_newest(
+    colour_export: Path, tmp_path: Path
+) -> None:
+    from service.store.promotion import publish_candidate
+    from service.wire import Promotion, PromotionState
+
+    repository = ModelRepository(tmp_path / "models")
+    repository.publish(colour_export, "colours")  # v1: promoted, served
+    rejected = Promotion(state=PromotionState.REJECTED, decided_by="gate", reason="worse")
+    publish_candidate(repository, colour_export, "colours", rejected)  # v2: newest, never served
+    photo = tmp_path / "red.jpg"
+    photo.write_bytes(tinted_photo("red"))
+    result = run_graft(
+        "explain", str(photo), "--name", "colours", "--model-root", str(repository.root),
+        "--out", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1])["version"] == 1

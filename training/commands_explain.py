@@ -17,6 +17,7 @@ from service.gateway.results import image_result
 from service.image_check import check_image
 from service.schemas import DEFAULT_TOP_K
 from service.settings import GraftSettings
+from service.store.promotion import resolve_served
 from service.store.repository import ModelRepository
 from training.cli_errors import fail, one_line_errors
 from training.commands_models import ModelRoot, Name
@@ -36,7 +37,7 @@ def explain(
     name: Name = DEFAULT_MODEL,
     model_root: ModelRoot = Path("models"),
     version: Annotated[
-        int | None, typer.Option("--version", help="Default: the pinned, else the newest.")
+        int | None, typer.Option("--version", help="Default: the pinned, else the newest promoted.")
     ] = None,
     out: Annotated[
         Path, typer.Option("--out", help="Folder for the PNGs (created if missing).")
@@ -53,7 +54,7 @@ def explain(
     from training.explain import load_explainer, render
 
     repository = ModelRepository(model_root)
-    version = repository.resolve(name, version)
+    version = resolve_served(repository, name, version)  # what /explain naming none gets
     manifest = repository.verify(name, version)
     missing = [str(path) for path in images if not path.is_file()]
     if missing:

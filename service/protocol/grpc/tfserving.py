@@ -69,9 +69,7 @@ def _signature(spec: model_pb2.ModelSpec) -> str:
     return name
 
 
-def _inputs(
-    request: predict_pb2.PredictRequest, signature: str, gateway: Gateway
-) -> list[bytes]:
+def _inputs(request: predict_pb2.PredictRequest, signature: str, gateway: Gateway) -> list[bytes]:
     wanted = SIGNATURE_INPUTS[signature]
     if set(request.inputs) != {wanted}:
         raise BadRequest(

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.convertors import StringConvertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -44,6 +45,16 @@ PREDICT_ROUTE = "/v1/models/{name}:predict"
 PROMOTION_ROUTE = "/models/{name}/versions/{version:int}/promotion"
 
 
+class _ModelNameConvertor(StringConvertor):
+    """A path segment without ':', so `/v1/models/{name}` (GET) does not also match
+    `/v1/models/x:predict`, and a 405 there names only the methods the path takes."""
+
+    regex = "[^/:]+"
+
+
+register_url_convertor("model", _ModelNameConvertor())
+
+
 def error_response(exc: GraftError) -> JSONResponse:
     headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else None
     if exc.http_status == 401:
@@ -61,9 +72,9 @@ def build_app(get_gateway: GatewayGetter) -> Starlette:
         Route(EXPLAIN_ROUTE, api.explain, methods=["POST"]),
         Route(PREDICT_ROUTE, api.tf_predict, methods=["POST"]),
         Route(f"{versioned}:predict", api.tf_predict, methods=["POST"]),
-        Route("/v1/models/{name}", api.tf_status, methods=["GET"]),
+        Route("/v1/models/{name:model}", api.tf_status, methods=["GET"]),
         Route(versioned, api.tf_status, methods=["GET"]),
-        Route("/v1/models/{name}/metadata", api.tf_metadata, methods=["GET"]),
+        Route("/v1/models/{name:model}/metadata", api.tf_metadata, methods=["GET"]),
         Route(f"{versioned}/metadata", api.tf_metadata, methods=["GET"]),
         Route("/models", api.list_models, methods=["GET"]),
         Route("/models/{name}/policy", api.set_policy, methods=["PUT"]),
