@@ -17,13 +17,15 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
-from support.exports import publish_tiny_model
+from support.exports import make_tiny_export, publish_tiny_model
 from support.images import encode, random_rgb
 
 from service.app.inference_side import InferenceSide
 from service.gateway.shadow import ShadowRunner
 from service.policy import ShadowPolicy
 from service.settings import GraftSettings
+from service.store.promotion import publish_candidate
+from service.store.repository import ModelRepository
 from service.wire import InferItem
 
 MODEL = "tiny"
@@ -124,6 +126,39 @@ def test_a_sample_callers_hold_past_its_deadline_is_dropped_busy_and_the_next_on
             await _until(lambda: runner.figures(MODEL, policy).compared == 1)
             figures = runner.figures(MODEL, policy)
             assert (figures.errors, figures.dropped) == (0, {"busy": 1})
+        finally:
+            await side.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 120))
+
+
+def test_a_sample_for_a_version_not_loaded_yet_is_dropped_not_counted_as_its_error(
+    tmp_path: Path,
+) -> None:
+    """A policy that names a shadow version starts its load; samples meanwhile find it not
+    loaded. The gateway may still know its labels (its metadata cache keeps them from an
+    earlier load), so only the results tell."""
+    root = tmp_path / "models"
+    root.mkdir()
+    publish_tiny_model(root, MODEL)  # v1: promoted, served
+    candidate = make_tiny_export(tmp_path / "v2")
+    publish_candidate(ModelRepository(root), candidate, MODEL)  # v2: on disk, not loaded
+    side = InferenceSide.open(GraftSettings(model_root=root, default_model=MODEL))
+    policy = ShadowPolicy(version=2, rate=1)
+
+    async def cached_labels(model: str, version: int) -> list[str]:
+        return (await side.metadata(model, 1)).labels  # v2's labels are v1's
+
+    async def scenario() -> None:
+        runner = ShadowRunner(side, cached_labels, queue_images=4, timeout_s=30)
+        try:
+            queued = runner.offer(MODEL, policy, [IMAGE])
+            assert queued is not None, "the shadow queue refused a sample"
+            queued.answered([("red", 0.5)])
+            await _until(lambda: runner.figures(MODEL, policy).dropped)
+            figures = runner.figures(MODEL, policy)
+            assert (figures.errors, figures.compared) == (0, 0)
+            assert figures.dropped == {"unavailable": 1}
         finally:
             await side.close()
 

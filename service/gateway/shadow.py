@@ -23,13 +23,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from service import metrics
-from service.errors import DeadlineExceeded, GraftError
+from service.errors import DeadlineExceeded, GraftError, ModelNotFound, NotReady
 from service.gateway.backend_calls import call_backend
 from service.gateway.rollback import Window
 from service.policy import ShadowFigures, ShadowPolicy
 from service.wire import InferenceBackend, InferItem, InferResult
 
 logger = logging.getLogger("graft.shadow")
+_NOT_SERVED = frozenset({ModelNotFound.code, NotReady.code})  # the version, not an image
 
 Labels = Callable[[str, int], Awaitable[list[str]]]  # (model, version) -> its labels
 Answer = list[tuple[str, float]]  # the stable version's top-1 label and score per image
@@ -172,6 +173,11 @@ class ShadowRunner:
             # Past the deadline: callers kept the inference side busy all that time.
             reason = "busy" if isinstance(exc, DeadlineExceeded) else "unavailable"
             self.drop(sample.model, sample.version, reason)
+            return
+        if any(result.error_code in _NOT_SERVED for result in results):
+            # Not loaded (yet): a policy that has just named the version waits for its load.
+            # That is no failure of the version's, so it is not counted among its errors.
+            self.drop(sample.model, sample.version, "unavailable")
             return
         self._compare(sample, stable, results, labels)
 
