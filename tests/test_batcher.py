@@ -49,8 +49,7 @@ def test_concurrent_callers_share_batches_and_get_their_own_results_in_order() -
 
     async def scenario() -> None:
         batcher = Batcher(recorder, max_batch_size=4, timeout_s=0, threads=1)
-        first = asyncio.create_task(batcher.submit([1]))  # occupies the only batch thread
-        await _until(lambda: len(recorder.batches) == 1)
+        first = await _running_first(batcher, recorder)  # occupies the only batch thread
         callers = [asyncio.create_task(batcher.submit([n, n + 100])) for n in range(2, 7)]
         await _until(lambda: batcher.queued() == 10)
         gate.set()
@@ -127,8 +126,7 @@ def test_a_withdrawn_caller_costs_no_compute() -> None:
 
     async def scenario() -> None:
         batcher = Batcher(recorder, max_batch_size=4, timeout_s=0, threads=1)
-        first = asyncio.create_task(batcher.submit([1]))
-        await _until(lambda: len(recorder.batches) == 1)
+        first = await _running_first(batcher, recorder)
         withdrawn = asyncio.create_task(batcher.submit([2, 3]))
         kept = asyncio.create_task(batcher.submit([4]))
         await _until(lambda: batcher.queued() == 3)
@@ -168,8 +166,7 @@ def test_close_cancels_every_waiting_caller() -> None:
 
     async def scenario() -> None:
         batcher = Batcher(recorder, max_batch_size=1, timeout_s=0, threads=1)
-        running = asyncio.create_task(batcher.submit([1]))
-        await _until(lambda: len(recorder.batches) == 1)
+        running = await _running_first(batcher, recorder)
         queued = asyncio.create_task(batcher.submit([2]))
         shadow = asyncio.create_task(batcher.submit([3], background=True))
         await _until(lambda: batcher.queued() == 1 and batcher.queued(background=True) == 1)
@@ -189,8 +186,7 @@ def test_background_items_run_after_the_callers_queued_and_never_in_their_batch(
 
     async def scenario() -> None:
         batcher = Batcher(recorder, max_batch_size=4, timeout_s=0, threads=1)
-        first = asyncio.create_task(batcher.submit([1]))  # occupies the only batch thread
-        await _until(lambda: len(recorder.batches) == 1)
+        first = await _running_first(batcher, recorder)  # occupies the only batch thread
         shadow = asyncio.create_task(batcher.submit([50, 51], background=True))
         await _until(lambda: batcher.queued(background=True) == 2)
         callers = [asyncio.create_task(batcher.submit(items)) for items in ([2], [3, 4])]
@@ -211,8 +207,7 @@ def test_a_background_batch_starts_only_once_no_batch_runs() -> None:
 
     async def scenario() -> None:
         batcher = Batcher(recorder, max_batch_size=4, timeout_s=0, threads=2)
-        first = asyncio.create_task(batcher.submit([1]))  # one thread busy, one free
-        await _until(lambda: len(recorder.batches) == 1)
+        first = await _running_first(batcher, recorder)  # one thread busy, one free
         shadow = asyncio.create_task(batcher.submit([9], background=True))
         await _until(lambda: batcher.queued(background=True) == 1)
         second = asyncio.create_task(batcher.submit([2]))  # a caller takes the free thread
@@ -247,8 +242,7 @@ def test_a_withdrawn_background_item_costs_no_compute() -> None:
 
     async def scenario() -> None:
         batcher = Batcher(recorder, max_batch_size=4, timeout_s=0, threads=1)
-        first = asyncio.create_task(batcher.submit([1]))
-        await _until(lambda: len(recorder.batches) == 1)
+        first = await _running_first(batcher, recorder)
         withdrawn = asyncio.create_task(batcher.submit([2], background=True))
         await _until(lambda: batcher.queued(background=True) == 1)
         withdrawn.cancel()  # the shadow's deadline passed
@@ -260,6 +254,13 @@ def test_a_withdrawn_background_item_costs_no_compute() -> None:
 
     run_async(scenario)
     assert recorder.batches == [[1], [3]]
+
+
+async def _running_first(batcher: Batcher, recorder: Recorder) -> asyncio.Task[list[int]]:
+    """Item 1 submitted and running: it holds its batch thread until the recorder's gate opens."""
+    first = asyncio.create_task(batcher.submit([1]))
+    await _until(lambda: len(recorder.batches) == 1)
+    return first
 
 
 async def _until(condition: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
@@ -277,8 +278,7 @@ def test_a_batch_is_closed_before_the_item_that_would_pass_its_cost_budget() -> 
         batcher = Batcher(
             recorder, max_batch_size=8, timeout_s=0, threads=1, cost=int, max_batch_cost=10
         )
-        first = asyncio.create_task(batcher.submit([1]))  # occupies the only batch thread
-        await _until(lambda: len(recorder.batches) == 1)
+        first = await _running_first(batcher, recorder)  # occupies the only batch thread
         callers = [asyncio.create_task(batcher.submit(i)) for i in ([4, 4], [3], [12], [2])]
         await _until(lambda: batcher.queued() == 5)
         gate.set()

@@ -2,9 +2,10 @@
 sticky X-Graft-Client key of a canary, `reject_unknown` asked by the request or by the model's
 policy, and the clear 400 for a version without the out-of-distribution flag.
 
-Tiny real exports (support/exports.py), each with the `explain` signature: `flagged` v1 (the
-stable version) and v2 (a candidate, served as a 50 % canary), both with the flag, and `old`
-exported without the flag. The tests share one server and run in file order.
+Tiny real exports (support/exports.py), each with the `explain` signature: the flagged model
+(support/policies.py's MODEL) v1 (the stable version) and v2 (a candidate, served as a 50 %
+canary), both with the flag, and `old` exported without the flag. The tests share one server
+and run in file order.
 """
 
 from collections.abc import Iterator
@@ -15,16 +16,14 @@ import numpy as np
 import pytest
 from support.exports import generated_images, make_tiny_export
 from support.images import encode
-from support.policies import until
+from support.policies import ENV, MODEL, set_policy, state, until
 from support.server import RunningServer, running_server
 
 from service.store.promotion import publish_candidate
 from service.store.repository import ModelRepository
 
 pytestmark = pytest.mark.slow
-FLAGGED, OLD = "flagged", "old"
-TOKEN = "test-admin-token-0123456789"
-ADMIN = {"authorization": f"Bearer {TOKEN}"}
+FLAGGED, OLD = MODEL, "old"
 CANARY = {"version": 2, "percent": 50, "window_s": 3600}
 SIZE = 32
 
@@ -52,8 +51,7 @@ def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(model_root: Path) -> Iterator[RunningServer]:
-    env = {"GRAFT_ADMIN_TOKEN": TOKEN, "GRAFT_POLL_INTERVAL_S": "0.5"}
-    with running_server(model_root, default_model=FLAGGED, env=env) as running:
+    with running_server(model_root, default_model=FLAGGED, env=ENV) as running:
         yield running
 
 
@@ -72,21 +70,15 @@ def _post(
 
 
 def _set_policy(http: httpx.Client, policy: dict) -> None:
-    answer = http.put(f"/models/{FLAGGED}/policy", json=policy, headers=ADMIN)
+    answer = set_policy(http, policy)
     assert answer.status_code == 200, answer.text
-
-
-def _canary_available(http: httpx.Client) -> bool:
-    models = http.get("/models", headers=ADMIN).json()["models"]
-    flagged = next(m for m in models if m["name"] == FLAGGED)
-    return any(v["version"] == 2 and v["state"] == "AVAILABLE" for v in flagged["versions"])
 
 
 def test_a_client_key_lands_explain_on_the_version_classify_gives_it(
     http: httpx.Client, server: RunningServer
 ) -> None:
     _set_policy(http, {"canary": CANARY})
-    until(lambda: _canary_available(http), "the canary never loaded", server)
+    until(lambda: state(http, 2) == "AVAILABLE", "the canary never loaded", server)
     on: dict[str, set[int]] = {}
     for index in range(16):
         key = f"client-{index}"
