@@ -80,3 +80,23 @@ def test_batching_settings_out_of_range_are_refused_naming_the_setting(
     with pytest.raises(ValidationError) as refused:
         GraftSettings()
     assert variable.removeprefix("GRAFT_").lower() in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "line"),
+    [
+        ({"GRAFT_MAX_BATCH_PIXELS": "abc"}, [], "error: GRAFT_MAX_BATCH_PIXELS: Input should be"),
+        ({"GRAFT_ACCESS_LOG": "maybe"}, [], "error: GRAFT_ACCESS_LOG: Input should be a valid"),
+        ({}, ["--port", "0"], "error: --port: Input should be greater than or equal to 1"),
+        ({"GRAFT_ADMIN_TOKEN": "short-secret"}, [], "error: GRAFT_ADMIN_TOKEN has 12 characters"),
+    ],
+)
+def test_a_bad_setting_stops_graft_serve_with_one_line_naming_it(
+    tmp_path: Path, env: dict[str, str], args: list[str], line: str
+) -> None:
+    result = CliRunner().invoke(app, ["serve", "--model-root", str(tmp_path), *args], env=env)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [result.output.strip()], result.output
+    assert result.output.startswith(line), result.output
+    assert "short-secret" not in result.output  # a value may be the admin token: never shown
+    assert not any(tmp_path.iterdir()), "nothing may be installed into a refused model root"

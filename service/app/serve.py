@@ -73,7 +73,8 @@ def start(flags: dict[str, Any], install_default: DefaultInstaller) -> None:
     try:
         settings = GraftSettings(**flags)
     except ValidationError as exc:
-        raise typer.BadParameter(str(exc)) from None
+        typer.echo(f"error: {_settings_error(exc, flags)}", err=True)
+        raise typer.Exit(2) from None
     settings.model_root = settings.model_root.resolve()
     _choose_engine(settings)
     if settings.model_name is None:
@@ -145,6 +146,20 @@ def _choose_engine(settings: GraftSettings) -> None:
         f"to {settings.max_batch_size} images, {settings.batch_threads} at once{decoding}",
         err=True,
     )
+
+
+def _settings_error(exc: ValidationError, flags: dict[str, Any]) -> str:
+    """pydantic's first complaint in one line, naming the flag or the GRAFT_ variable it came
+    from (never the value: it may be the admin token)."""
+    first = exc.errors()[0]
+    message = first["msg"].removeprefix("Value error, ")
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    if not first["loc"]:  # a rule over several settings: the message names them
+        return message + more
+    field = str(first["loc"][0])
+    source = f"--{field.replace('_', '-')}" if field in flags else f"GRAFT_{field.upper()}"
+    named = message if message.startswith(source) else f"{source}: {message}"
+    return named + more
 
 
 def _refuse(message: str) -> NoReturn:
