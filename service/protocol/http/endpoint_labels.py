@@ -26,7 +26,7 @@ def endpoint_label(path: str) -> str:
     """What BentoML's metrics may call `path`: a fixed set of values, whatever is requested."""
     for route in _templates:
         if route.path_regex.match(path):
-            return route.path
+            return route.path_format  # the template without convertors: {name}, {version}
     if path in _BENTOML_PATHS or path in server_context.service_routes:
         return path
     return OTHER
