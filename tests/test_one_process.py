@@ -268,6 +268,7 @@ def test_the_heap_is_frozen_with_the_loaded_versions_and_refrozen_when_they_chan
     """A generation-2 collection walks what is not frozen; an unloaded version's cycles must
     still be collected, or a hot swap would keep its memory for ever."""
     heap = FrozenHeap()
+    gc.disable()  # only the heap's own collections run, so they can be counted
     try:
         heap.track([])  # still loading: nothing to freeze yet
         first = _Version()
@@ -279,11 +280,22 @@ def test_the_heap_is_frozen_with_the_loaded_versions_and_refrozen_when_they_chan
         later = _Version()
         heap.track(_available(1))  # the same versions: nothing collected or frozen again
         assert not _frozen(later) and unloaded() is not None
+        garbage = _Version()
+        garbage.me = garbage  # a cycle made since the freeze, and dropped
+        dropped = weakref.ref(garbage)
+        del garbage
+        full = gc.get_stats()[2]["collections"]
+        heap.track(_available(1, 2))  # version 2 joins, 1 is kept: frozen, no full collection
+        assert gc.get_stats()[2]["collections"] == full
+        assert _frozen(later) and unloaded() is not None
+        assert dropped() is None, "garbage was frozen for ever with the new version"
         heap.track(_available(2))  # version 1 unloaded: collected, the rest frozen again
+        assert gc.get_stats()[2]["collections"] == full + 1
         assert unloaded() is None, "the unloaded version's cycle was kept"
         assert _frozen(later)
     finally:
         gc.unfreeze()
+        gc.enable()
 
 
 # -- BentoML's tracing ------------------------------------------------------------------------

@@ -9,9 +9,11 @@ at 16 clients (`python -m bench.phases`). `gc.freeze()` moves them to a generati
 never collected.
 
 What is frozen must stay alive, or its memory never comes back: a version unloaded by a hot
-swap holds reference cycles (TensorFlow's objects) that only the collector frees. So the heap
-is frozen again whenever the loaded versions change: unfrozen, collected once (the one full
-collection a swap costs), and frozen with the new versions.
+swap holds reference cycles (TensorFlow's objects) that only the collector frees. So when a
+version goes, the heap is unfrozen, collected once (a full collection, which stops the event
+loop) and frozen again. A version that only joins the loaded ones (a hot swap keeps the
+previous version loaded) costs no full collection: the young generations are collected and
+everything alive is frozen with it.
 """
 
 import gc
@@ -35,8 +37,12 @@ class FrozenHeap:
             for version in status.versions
             if version.state == VersionState.AVAILABLE
         )
-        if loaded and loaded != self._frozen_with:
+        if not loaded or loaded == self._frozen_with:
+            return
+        if self._frozen_with - loaded:  # a version went: its cycles are frozen, free them
             gc.unfreeze()
-            gc.collect()  # the unloaded versions' cycles go, the rest is frozen
-            gc.freeze()
-            self._frozen_with = loaded
+            gc.collect()
+        else:
+            gc.collect(1)  # young garbage only: not frozen for ever with the new version
+        gc.freeze()
+        self._frozen_with = loaded
