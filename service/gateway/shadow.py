@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from service import metrics
-from service.errors import DeadlineExceeded, GraftError, ModelNotFound, NotReady
+from service.errors import DeadlineExceeded, GraftError, ModelNotFound, NotReady, error_from_code
 from service.gateway.backend_calls import call_backend
 from service.gateway.rollback import Window
 from service.policy import ShadowFigures, ShadowPolicy
@@ -167,17 +167,13 @@ class ShadowRunner:
         deadline = time.monotonic() + self._timeout_s
         try:
             results = await call_backend(self._backend.infer(items), deadline)
+            _raise_if_not_served(results)
             labels = await call_backend(self._labels(sample.model, sample.version), deadline)
         except GraftError as exc:
             logger.info("shadow version %s of %s not run: %s", sample.version, sample.model, exc)
             # Past the deadline: callers kept the inference side busy all that time.
             reason = "busy" if isinstance(exc, DeadlineExceeded) else "unavailable"
             self.drop(sample.model, sample.version, reason)
-            return
-        if any(result.error_code in _NOT_SERVED for result in results):
-            # Not loaded (yet): a policy that has just named the version waits for its load.
-            # That is no failure of the version's, so it is not counted among its errors.
-            self.drop(sample.model, sample.version, "unavailable")
             return
         self._compare(sample, stable, results, labels)
 
@@ -203,3 +199,12 @@ class ShadowRunner:
             metrics.SHADOW_COMPARISONS.labels(sample.model, version, outcome).inc()
             metrics.SHADOW_CONFIDENCE.labels(sample.model, version, "shadow").observe(row[top])
             metrics.SHADOW_CONFIDENCE.labels(sample.model, version, "stable").observe(stable_score)
+
+
+def _raise_if_not_served(results: list[InferResult]) -> None:
+    """The version not loaded (yet: a policy that has just named it waits for its load) is
+    the sample's failure to run, like a backend call's, not the version's failure on an
+    image: it must not count among the version's errors."""
+    for result in results:
+        if result.error_code in _NOT_SERVED:
+            raise error_from_code(result.error_code, result.error or "")
