@@ -25,6 +25,7 @@ from service.app.in_process import InProcessInference
 from service.app.inference_client import InferenceClient
 from service.app.inference_service import Inference
 from service.app.process import ENTRY_TIMEOUT_S, SETTINGS
+from service.app.tracing import tracing_config
 from service.gateway import Gateway
 from service.protocol.http import connections, endpoint_labels
 from service.protocol.http.guard import RequestGuard
@@ -125,6 +126,7 @@ def _service(layout: type[_Entry]) -> Any:
             # Off by default: the log line of every request costs the event loop 8 % of its
             # time (decision 50), and graft_request_duration_seconds counts the requests.
             logging={"access": {"enabled": SETTINGS.access_log}},
+            tracing=tracing_config(),
         )(layout)
     )
     service.add_asgi_middleware(RequestGuard, settings=SETTINGS)

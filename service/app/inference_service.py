@@ -12,6 +12,7 @@ from service.app.heap import FrozenHeap
 from service.app.inference_side import InferenceSide
 from service.app.process import INFERENCE_TIMEOUT_S, SETTINGS
 from service.app.replies import InferReply, MetadataReply, Reply, StatusReply
+from service.app.tracing import tracing_config
 from service.errors import GraftError
 from service.wire import InferItem
 
@@ -22,6 +23,7 @@ from service.wire import InferItem
     traffic={"timeout": INFERENCE_TIMEOUT_S},
     # Its callers are graft's own entry workers, which log every client request already.
     logging={"access": {"enabled": False}},
+    tracing=tracing_config(),
 )
 class Inference:
     def __init__(self) -> None:

@@ -178,18 +178,6 @@ def _export(settings: GraftSettings) -> None:
             os.environ[key] = str(secret)
 
 
-def _untraced_unless_configured() -> None:
-    """No OpenTelemetry spans when nobody set tracing up: BentoML's middleware makes three per
-    HTTP request (receive, send, send) whether or not anything exports them, 0.43 ms of the
-    2.3 ms the worker's event loop spends per /classify (measured under load). Any tracing
-    setting of BentoML's own (BENTOML_CONFIG, BENTOML_CONFIG_OPTIONS) leaves it as it is."""
-    options = os.environ.get("BENTOML_CONFIG_OPTIONS", "")
-    if os.environ.get("BENTOML_CONFIG") or "tracing." in options:
-        return
-    # Excluded URLs are regular expressions searched in the request URL: "/" is every one.
-    os.environ["BENTOML_CONFIG_OPTIONS"] = f"{options} tracing.excluded_urls=/".strip()
-
-
 def _serve(settings: GraftSettings) -> None:
     # A private BentoML home per server: BentoML wipes its Prometheus multiprocess folder on
     # start, and two servers sharing one (tests, a second replica) would corrupt each other's
@@ -197,7 +185,6 @@ def _serve(settings: GraftSettings) -> None:
     home = tempfile.mkdtemp(prefix="graft-bentoml-")
     os.environ["BENTOML_HOME"] = home
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
-    _untraced_unless_configured()
     try:
         from service.app.supervisor import serve_gracefully
 
