@@ -3,10 +3,12 @@
 `python -m bench.ood_methods [DATA_DIR] [--seed N]` (GRAFT_BENCH_DATA by default; about as
 long as a `graft train`, which it mirrors up to the export) trains with graft's defaults, then
 fits every candidate on the trained model's features of the training images, thresholds it at
-the conformal 99th percentile of the validation images' scores (as `graft train` does), and
-prints, per candidate, the share flagged of the test split's leaves and of the non-leaf images
-(bench/ood_images.py) and its fit time; then, for graft's score, the same shares under other
-thresholds.
+the conformal 99th percentile of the validation images' scores, and prints, per candidate, the
+share flagged of the test split's leaves and of the non-leaf images (bench/ood_images.py) and
+its fit time; then, for graft's score, the same shares under other thresholds: on the
+validation images alone, or with the scores of 1, 2 or 4 augmented views of each (`graft
+train` adds --views minus 1, one by default), and the highest-scoring test leaves' files.
+`--val-fraction F` trains on a split with a larger validation share (the test part stays).
 
 The kNN candidate (Sun et al., 2022, "Out-of-Distribution Detection with Deep Nearest
 Neighbors": one minus the cosine similarity to the k-th nearest training image) lives here
@@ -28,6 +30,8 @@ import numpy as np
 
 from bench.images import data_dir, shown
 from bench.ood_images import kind, ood_images
+
+VAL_FRACTION = 0.1  # graft train's validation share (training.split)
 
 
 def _options(data: Path, work: Path, seed: int) -> Any:
@@ -89,7 +93,8 @@ def _candidates(
     train: np.ndarray, labels: np.ndarray, val: np.ndarray, images: int
 ) -> dict[str, Fit]:
     """name -> a function that fits that score on the training features and thresholds it at
-    the conformal 99th percentile of the validation scores, as `graft train` does."""
+    the conformal 99th percentile of the validation scores (graft train adds their augmented
+    views: `_thresholds`)."""
     from training.ood import PERCENTILE, conformal_quantile, fit_mahalanobis, scores
 
     def on_validation(fit: Callable[[], keras.layers.Layer]) -> Fit:
@@ -113,26 +118,37 @@ def _candidates(
     }
 
 
-def measure(data: Path, seed: int = 0) -> dict[str, Any]:
+def measure(data: Path, seed: int = 0, val_fraction: float = VAL_FRACTION) -> dict[str, Any]:
     from training import commands_train as ct
     from training.backbones import get_backbone
     from training.ood import scores
     from training.progress import Reporter
+    from training.split import split
 
     reporter = Reporter(quiet=True)
     with tempfile.TemporaryDirectory(prefix="graft-ood-methods-") as tmp:
         work = Path(tmp)
         options = _options(data, work, seed)
-        dataset, parts = ct._scan_and_split(options, work / "reencoded", work / "report", reporter)
+        dataset = ct._scan(data, work / "reencoded", reporter, for_training=True)
+        # The test part is cut first, so a larger validation share leaves it as it is.
+        parts = split(dataset, seed=seed, val=val_fraction)
         spec = get_backbone(options.backbone)
         classifier, result = ct._fit(options, spec, dataset, parts, work / "report", reporter)
-        test, _ = ct._embed(classifier, result, parts.test, options, reporter)
+        test, test_probabilities = ct._embed(classifier, result, parts.test, options, reporter)
         others = ood_images()
         non_leaf = _pooled(classifier, [image for _, image in others])
+        val_views = _augmented_views(
+            classifier, result, parts.val, options, reporter, _MOST_VAL_VIEWS
+        )
+    labels = np.array([s.label for s in parts.test])
     trained = result.trained
     assert trained is not None and trained.val is not None, "needs the feature cache"
     photo = np.array([kind(name) == "photo" for name, _ in others])
-    figures: dict[str, Any] = {"dataset": shown(data), "non_leaf_images": len(others)}
+    figures: dict[str, Any] = {
+        "dataset": shown(data), "val_fraction": val_fraction, "train_images": len(parts.train),
+        "accuracy": round(float(np.mean(np.argmax(test_probabilities, 1) == labels)), 4),
+        "non_leaf_images": len(others),
+    }  # fmt: skip
     candidates = _candidates(trained.train, trained.train_labels, trained.val, len(parts.train))
     for name, fit in candidates.items():
         start = time.perf_counter()
@@ -147,32 +163,92 @@ def measure(data: Path, seed: int = 0) -> dict[str, Any]:
             "fit_s": round(fit_s, 2),
             "missed": [n for (n, _), f in zip(others, flagged, strict=True) if not f][:10],
         }
-    figures["thresholds"] = _thresholds(trained, test, non_leaf)
+    figures["thresholds"] = _thresholds(trained, test, non_leaf, val_views)
+    figures["highest_test_leaves"] = _highest(trained, test, test_probabilities, parts.test)
     return figures
 
 
-def _thresholds(trained: Any, test: np.ndarray, non_leaf: np.ndarray) -> dict:
-    """graft's score under each way of thresholding it on the validation scores: the share of
-    test leaves and of non-leaf images flagged, and the scores nearest the threshold."""
+_MOST_VAL_VIEWS = 4  # augmented views of each validation image the bench computes
+
+
+def _augmented_views(
+    classifier: Any, result: Any, samples: list, options: Any, reporter: Any, views: int
+) -> list[np.ndarray]:
+    """The trained classifier's pooled features of `views` augmented views of `samples`, as
+    `graft train` computes those of the validation images (its seed: the first views are
+    graft train's), one [n, D] array per view."""
+    from training import commands_train as ct
+    from training.augment import AugmentConfig, build_augmenter
+
+    augment = build_augmenter(AugmentConfig(), options.seed + ct._VAL_VIEW_SEED)
+    return [
+        ct._embed(classifier, result, samples, options, reporter, augment)[0] for _ in range(views)
+    ]
+
+
+def _highest(
+    trained: Any, test: np.ndarray, probabilities: np.ndarray, samples: list
+) -> list[dict]:
+    """The test leaves with the highest scores: file, true and predicted class, confidence."""
+    from training.ood import fit_mahalanobis, scores
+
+    values = scores(fit_mahalanobis(trained.train, trained.train_labels), test)
+    rows = []
+    for i in np.argsort(values)[::-1][:7]:
+        sample = samples[i]
+        rows.append({
+            "score": round(float(values[i]), 3),
+            "path": "/".join(Path(sample.path).parts[-2:]),
+            "label": int(sample.label),
+            "predicted": int(np.argmax(probabilities[i])),
+            "confidence": round(float(np.max(probabilities[i])), 3),
+        })  # fmt: skip
+    return rows
+
+
+def _thresholds(
+    trained: Any, test: np.ndarray, non_leaf: np.ndarray, val_views: list[np.ndarray]
+) -> dict:
+    """graft's score under each way of thresholding it on the validation scores (alone, or
+    with those of augmented views of the validation images): the share of test leaves and of
+    non-leaf images flagged, and the scores nearest the threshold."""
     from training.ood import PERCENTILE, conformal_quantile, fit_mahalanobis, scores
 
     layer = fit_mahalanobis(trained.train, trained.train_labels)
     val, test_scores, others = (scores(layer, f) for f in (trained.val, test, non_leaf))
-    thresholds = {
-        "interpolated 99th percentile (np.percentile)": float(np.percentile(val, PERCENTILE)),
-        "conformal 99th percentile (graft train)": conformal_quantile(val, PERCENTILE),
-        "validation maximum": float(val.max()),
+    views = [scores(layer, f) for f in val_views]
+    thresholds: dict[str, tuple[float, int]] = {
+        "interpolated 99th percentile (np.percentile)": (
+            float(np.percentile(val, PERCENTILE)),
+            len(val),
+        ),
+        "conformal 99th, validation only": (conformal_quantile(val, PERCENTILE), len(val)),
+        "validation maximum": (float(val.max()), len(val)),
     }
+    for k in (1, 2, len(views)):
+        pooled = np.concatenate([val, *views[:k]])
+        graft = " (graft train, --views 2)" if k == 1 else ""
+        thresholds[f"conformal 99th, validation + {k} augmented view(s){graft}"] = (
+            conformal_quantile(pooled, PERCENTILE),
+            len(pooled),
+        )
+    only = np.concatenate(views)
+    thresholds[f"conformal 99th, {len(views)} augmented views only"] = (
+        conformal_quantile(only, PERCENTILE),
+        len(only),
+    )
     rows: dict[str, Any] = {
         name: {
             "threshold": round(threshold, 3),
+            "scores": count,
             "test_leaves_flagged": round(float(np.mean(test_scores > threshold)), 4),
             "non_leaf_flagged": round(float(np.mean(others > threshold)), 4),
         }
-        for name, threshold in thresholds.items()
+        for name, (threshold, count) in thresholds.items()
     }
     rows["highest_test_scores"] = sorted(np.round(test_scores, 3).tolist())[-10:]
     rows["highest_validation_scores"] = sorted(np.round(val, 3).tolist())[-5:]
+    rows["highest_augmented_view_scores"] = sorted(np.round(only, 3).tolist())[-8:]
     rows["lowest_non_leaf_scores"] = sorted(np.round(others, 3).tolist())[:5]
     return rows
 
@@ -181,8 +257,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.ood_methods", description=__doc__)
     parser.add_argument("data", nargs="?", type=Path, default=None, help="a training folder")
     parser.add_argument("--seed", type=int, default=0, help="the split's seed (graft train's)")
+    parser.add_argument(
+        "--val-fraction", type=float, default=VAL_FRACTION,
+        help="the validation share (graft train's: 0.1); the test share stays 0.1",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    print(json.dumps(measure(args.data or data_dir(), args.seed), indent=2))
+    figures = measure(args.data or data_dir(), args.seed, args.val_fraction)
+    print(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":

@@ -65,6 +65,9 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
         "ood_method": result["metrics"].get("ood", {}).get("method"),
         "ood_validation_flagged": result["metrics"].get("ood", {}).get("validation_flagged_rate"),
         "ood_test_flagged": result["metrics"].get("ood", {}).get("test_flagged_rate"),
+        "ood_threshold": result["metrics"].get("ood", {}).get("threshold"),
+        # how many scores (validation images and their augmented views) it came from
+        "ood_calibration_count": result["metrics"].get("ood", {}).get("calibration_count"),
         "ood_s": round(timings.get("ood", 0.0), 1),
         # the OOD fit's extra time, as a share of the whole run
         "ood_share": round(timings.get("ood", 0.0) / result["wall_s"], 4),

@@ -114,6 +114,12 @@ def test_predict_follows_the_trained_model(
     np.testing.assert_allclose(result.trained.val, want_pooled, rtol=0, atol=1e-4)
     assert result.trained.train.shape == (len(parts.train), want_pooled.shape[1])
     assert result.trained.train_labels.tolist() == [s.label for s in parts.train]
+    # An augmented view of each image (the OOD threshold's extra scores), as Keras computes
+    # it from the same pixels (an augmenter seeded afresh for each).
+    view, _ = result.embed(parts.val, QUIET, build_augmenter(AugmentConfig(), seed=3))
+    want_view, _ = embed_keras(classifier, parts.val, 8, QUIET, build_augmenter(AugmentConfig(), 3))
+    np.testing.assert_allclose(view, want_view, rtol=0, atol=1e-4)
+    assert not np.allclose(view, pooled, atol=1e-3)
 
 
 def test_no_predictor_when_the_frozen_part_trains_on_pixels(

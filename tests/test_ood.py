@@ -21,6 +21,7 @@ from training.ood import (
     MAHALANOBIS,
     conformal_quantile,
     fit_detector,
+    record,
     scores,
     shrunk_covariance,
 )
@@ -65,6 +66,20 @@ def test_the_score_is_the_mahalanobis_distance_to_the_nearest_class_mean() -> No
     points = train[:7] + np.random.default_rng(4).normal(0, 3, (7, 5))
     expected = [min((p - m) @ inverse @ (p - m) for m in means) / 5 for p in points]
     np.testing.assert_allclose(scores(detector.layer, points), expected, rtol=1e-4)
+
+
+def test_augmented_views_join_the_threshold_but_not_the_validation_scores() -> None:
+    train, labels = _clusters(3000, seed=20)
+    val, _ = _clusters(255, seed=21)
+    views = [val + np.random.default_rng(22 + i).normal(0, 0.5, val.shape) for i in range(2)]
+    alone, alone_scores = fit_detector(train, labels, val)
+    detector, val_scores = fit_detector(train, labels, val, val_views=views)
+    np.testing.assert_array_equal(val_scores, alone_scores)  # the images' own scores only
+    assert (alone.calibration_count, detector.calibration_count) == (255, 3 * 255)
+    every = np.concatenate([val_scores, *(scores(detector.layer, view) for view in views)])
+    assert detector.threshold == conformal_quantile(every, 99.0)
+    assert detector.threshold > alone.threshold  # the views lie a little further out
+    assert record(detector, val_scores, val_scores)["calibration_count"] == 765
 
 
 def test_the_threshold_is_the_conformal_percentile_of_the_validation_scores() -> None:

@@ -177,12 +177,16 @@ def test_train_fits_the_ood_flag_it_publishes(trained: tuple[Path, Path, dict]) 
     split = json.loads((report / "split.json").read_text())
     assert ood["method"] == "mahalanobis" and ood["percentile"] == 99.0
     assert len(ood["validation_scores"]) == len(split["val"])
+    # The threshold's scores: the validation images and one augmented view of each (--views 2)
+    assert ood["calibration_count"] == 2 * len(split["val"])
     assert len(ood["test_scores"]) == len(split["test"])
     assert ood["validation_flagged_rate"] <= 0.5  # the 99th percentile of a few images
     summary = out["metrics"]["ood"]
     assert summary["threshold"] == ood["threshold"] and "test_scores" not in summary
     manifest = ModelRepository(tmp / "models").verify("shapes", 1)
     assert manifest.ood is not None and manifest.ood.threshold == ood["threshold"]
+    assert summary["calibration_count"] == manifest.metrics["ood"]["calibration_count"]
+    assert summary["calibration_count"] == ood["calibration_count"]
     # The published graph scores the test images as training did (the same features).
     version_dir = ModelRepository(tmp / "models").version_dir("shapes", 1)
     serve = tf.saved_model.load(str(version_dir)).signatures["serving_default"]

@@ -263,14 +263,16 @@ def _embed(
     samples: list[Sample],
     options: TrainOptions,
     reporter: Reporter,
+    augment: Callable | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The trained model's pooled features and probabilities for `samples`, in one pass: as
-    `_predict`, the frozen part on the feature cache's runtime when it stayed frozen."""
+    """The trained model's pooled features and probabilities for `samples` (or one augmented
+    view of each, with `augment`), in one pass: as `_predict`, the frozen part on the
+    feature cache's runtime when it stayed frozen."""
     from training.evaluate import embed_keras
 
     if result.embed is not None:
-        return result.embed(samples, reporter)
-    return embed_keras(classifier, samples, options.batch_size, reporter)
+        return result.embed(samples, reporter, augment)
+    return embed_keras(classifier, samples, options.batch_size, reporter, augment)
 
 
 def _fit_ood(
@@ -282,8 +284,9 @@ def _fit_ood(
     reporter: Reporter,
 ) -> tuple[OodDetector | None, dict]:
     """The out-of-distribution score fitted on the trained model's features of the training
-    images (every cached view), thresholded on the validation split, judged on the test
-    split: the detector (None: no validation images) and what metrics.json records."""
+    images (every cached view), thresholded on the validation split and its augmented views,
+    judged on the test split: the detector (None: no validation images) and what
+    metrics.json records."""
     import numpy as np
 
     from training import ood
@@ -297,8 +300,35 @@ def _fit_ood(
         labels = np.array([s.label for s in parts.train])
     else:
         train, labels, val = trained.train, trained.train_labels, trained.val
-    detector, val_scores = ood.fit_detector(train, labels, val)
+    val_views = _val_views(classifier, result, parts.val, options, reporter)
+    detector, val_scores = ood.fit_detector(train, labels, val, val_views=val_views)
     return detector, ood.record(detector, val_scores, ood.scores(detector.layer, test_features))
+
+
+# Seeds the validation views' augmentation apart from the training views' (options.seed).
+_VAL_VIEW_SEED = 1000
+
+
+def _val_views(
+    classifier: Classifier,
+    result: FitResult,
+    val: list[Sample],
+    options: TrainOptions,
+    reporter: Reporter,
+) -> list[np.ndarray]:
+    """The trained model's pooled features of as many augmented views of each validation
+    image as the cache makes of each training image (--views minus the image itself), for
+    the out-of-distribution threshold only: never trained on, and not the calibration's."""
+    from training.augment import AugmentConfig, build_augmenter
+
+    augment = build_augmenter(AugmentConfig(), options.seed + _VAL_VIEW_SEED)
+    if not options.augment or augment is None:
+        return []
+    # One augmenter for every view: each pass draws new transforms.
+    return [
+        _embed(classifier, result, val, options, reporter, augment)[0]
+        for _ in range(options.views - 1)
+    ]
 
 
 def _view_one(result: FitResult, n_train: int) -> np.ndarray | None:

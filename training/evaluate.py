@@ -4,7 +4,7 @@ SavedModel called through its `serving_default` signature (exactly what serving 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -106,10 +106,15 @@ def predict_keras(
 
 
 def embed_keras(
-    classifier: Classifier, samples: Sequence[Sample], batch_size: int, reporter: Reporter
+    classifier: Classifier,
+    samples: Sequence[Sample],
+    batch_size: int,
+    reporter: Reporter,
+    augment: Callable | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pooled features and probabilities from the trained Keras model in one pass, through
-    the training input pipeline (when no feature cache can do it)."""
+    the training input pipeline (when no feature cache can do it): of the images themselves,
+    or of one augmented view of each with `augment`."""
     import keras
     import tensorflow as tf
 
@@ -125,6 +130,7 @@ def embed_keras(
         classifier.image_size,
         batch_size=batch_size,
         num_classes=classifier.model.output_shape[-1],
+        augment=augment,
     )
     features, probabilities = [], []
     with reporter.task("evaluate", -(-len(samples) // batch_size)) as task:

@@ -62,11 +62,19 @@ class FrozenRunner:
     agreement: float | None = None
 
     def outputs(
-        self, samples: Sequence[Sample], image_size: int, batch_size: int, reporter: Reporter
+        self,
+        samples: Sequence[Sample],
+        image_size: int,
+        batch_size: int,
+        reporter: Reporter,
+        augment: Callable | None = None,
     ) -> np.ndarray:
-        """The frozen part's output for `samples` (no augmentation), through the pipeline."""
+        """The frozen part's output for `samples` through the pipeline: of the images
+        themselves, or of one augmented view of each with `augment`."""
         # The labels are not used here: one class keeps their one-hot tensors small.
-        ds = image_dataset(samples, image_size, batch_size=batch_size, num_classes=1)
+        ds = image_dataset(
+            samples, image_size, batch_size=batch_size, num_classes=1, augment=augment
+        )
         steps = _steps(len(samples), batch_size)
         return _forward_all(self.forward, ds, reporter, f"evaluate ({self.runtime})", steps)[0]
 

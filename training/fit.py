@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import keras
 import numpy as np
@@ -59,8 +60,15 @@ class PhaseResult:
 
 
 Predict = Callable[[Sequence[Sample], Reporter], np.ndarray]
-# samples -> (pooled features [n, D], probabilities [n, C]) of the trained classifier
-Embed = Callable[[Sequence[Sample], Reporter], tuple[np.ndarray, np.ndarray]]
+
+
+class Embed(Protocol):
+    """samples -> (pooled features [n, D], probabilities [n, C]) of the trained classifier:
+    of the images themselves, or of one augmented view of each with `augment`."""
+
+    def __call__(
+        self, samples: Sequence[Sample], reporter: Reporter, augment: Callable | None = None
+    ) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 @dataclass(frozen=True)
@@ -438,8 +446,10 @@ def _embedder(
     head = batched(classifier.head, batch_size)
     pool = batched(keras.Sequential([top, classifier.pool]), batch_size) if top else None
 
-    def embed(samples: Sequence[Sample], reporter: Reporter) -> tuple[np.ndarray, np.ndarray]:
-        outputs = runner.outputs(samples, size, batch_size, reporter)
+    def embed(
+        samples: Sequence[Sample], reporter: Reporter, augment: Callable | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        outputs = runner.outputs(samples, size, batch_size, reporter, augment)
         pooled = pool(outputs) if pool is not None else outputs
         return pooled, head(pooled)
 
