@@ -5,7 +5,8 @@ anything exports them: 12 % of the event loop's time per request (decision 50). 
 reads the tracing settings of each service from the service's own config, merged over the
 global one with every unset key as None, so the global `tracing.excluded_urls` (for example
 in BENTOML_CONFIG_OPTIONS) never reaches the middleware: the exclusion has to be part of the
-service's config.
+service's config. The same merge drops a user's global `tracing.*` keys: tracing is set up
+per service (`services.graft.tracing.*`), which the README says.
 """
 
 import os
