@@ -22,6 +22,7 @@ import json
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +122,7 @@ def _candidates(
 def measure(data: Path, seed: int = 0, val_fraction: float = VAL_FRACTION) -> dict[str, Any]:
     from training import commands_train as ct
     from training.backbones import get_backbone
-    from training.ood import scores
+    from training.ood import fit_mahalanobis, scores
     from training.progress import Reporter
     from training.split import split
 
@@ -137,9 +138,9 @@ def measure(data: Path, seed: int = 0, val_fraction: float = VAL_FRACTION) -> di
         test, test_probabilities = ct._embed(classifier, result, parts.test, options, reporter)
         others = ood_images()
         non_leaf = _pooled(classifier, [image for _, image in others])
-        val_views = _augmented_views(
-            classifier, result, parts.val, options, reporter, _MOST_VAL_VIEWS
-        )
+        # graft train's validation views (the same seed), four of them instead of one
+        more_views = replace(options, views=_MOST_VAL_VIEWS + 1)
+        val_views = ct._val_views(classifier, result, parts.val, more_views, reporter)
     labels = np.array([s.label for s in parts.test])
     trained = result.trained
     assert trained is not None and trained.val is not None, "needs the feature cache"
@@ -163,36 +164,19 @@ def measure(data: Path, seed: int = 0, val_fraction: float = VAL_FRACTION) -> di
             "fit_s": round(fit_s, 2),
             "missed": [n for (n, _), f in zip(others, flagged, strict=True) if not f][:10],
         }
-    figures["thresholds"] = _thresholds(trained, test, non_leaf, val_views)
-    figures["highest_test_leaves"] = _highest(trained, test, test_probabilities, parts.test)
+    layer = fit_mahalanobis(trained.train, trained.train_labels)  # graft's score
+    figures["thresholds"] = _thresholds(layer, trained, test, non_leaf, val_views)
+    test_scores = scores(layer, test)
+    figures["highest_test_leaves"] = _highest(test_scores, test_probabilities, parts.test)
     return figures
 
 
 _MOST_VAL_VIEWS = 4  # augmented views of each validation image the bench computes
 
 
-def _augmented_views(
-    classifier: Any, result: Any, samples: list, options: Any, reporter: Any, views: int
-) -> list[np.ndarray]:
-    """The trained classifier's pooled features of `views` augmented views of `samples`, as
-    `graft train` computes those of the validation images (its seed: the first views are
-    graft train's), one [n, D] array per view."""
-    from training import commands_train as ct
-    from training.augment import AugmentConfig, build_augmenter
-
-    augment = build_augmenter(AugmentConfig(), options.seed + ct._VAL_VIEW_SEED)
-    return [
-        ct._embed(classifier, result, samples, options, reporter, augment)[0] for _ in range(views)
-    ]
-
-
-def _highest(
-    trained: Any, test: np.ndarray, probabilities: np.ndarray, samples: list
-) -> list[dict]:
-    """The test leaves with the highest scores: file, true and predicted class, confidence."""
-    from training.ood import fit_mahalanobis, scores
-
-    values = scores(fit_mahalanobis(trained.train, trained.train_labels), test)
+def _highest(values: np.ndarray, probabilities: np.ndarray, samples: list) -> list[dict]:
+    """The test leaves with the highest scores (`values`, graft's score of each): file, true
+    and predicted class, confidence."""
     rows = []
     for i in np.argsort(values)[::-1][:7]:
         sample = samples[i]
@@ -207,14 +191,17 @@ def _highest(
 
 
 def _thresholds(
-    trained: Any, test: np.ndarray, non_leaf: np.ndarray, val_views: list[np.ndarray]
+    layer: keras.layers.Layer,
+    trained: Any,
+    test: np.ndarray,
+    non_leaf: np.ndarray,
+    val_views: list[np.ndarray],
 ) -> dict:
     """graft's score under each way of thresholding it on the validation scores (alone, or
     with those of augmented views of the validation images): the share of test leaves and of
     non-leaf images flagged, and the scores nearest the threshold."""
-    from training.ood import PERCENTILE, conformal_quantile, fit_mahalanobis, scores
+    from training.ood import PERCENTILE, conformal_quantile, scores
 
-    layer = fit_mahalanobis(trained.train, trained.train_labels)
     val, test_scores, others = (scores(layer, f) for f in (trained.val, test, non_leaf))
     views = [scores(layer, f) for f in val_views]
     thresholds: dict[str, tuple[float, int]] = {

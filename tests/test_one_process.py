@@ -303,7 +303,6 @@ def test_the_heap_is_frozen_with_the_loaded_versions_and_refrozen_when_they_chan
 # -- BentoML's tracing ------------------------------------------------------------------------
 
 _TRACED_URLS = """
-import sys
 from _bentoml_impl.loader import load
 
 app = load("service.app.entry:Graft", standalone_load=True).to_asgi(is_main=True)

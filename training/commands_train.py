@@ -321,8 +321,10 @@ def _val_views(
     the out-of-distribution threshold only: never trained on, and not the calibration's."""
     from training.augment import AugmentConfig, build_augmenter
 
+    if not options.augment:
+        return []
     augment = build_augmenter(AugmentConfig(), options.seed + _VAL_VIEW_SEED)
-    if not options.augment or augment is None:
+    if augment is None:
         return []
     # One augmenter for every view: each pass draws new transforms.
     return [
